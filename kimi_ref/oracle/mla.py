@@ -1,0 +1,157 @@
+"""Multi-head Latent Attention (MLA), float64 oracle, in two forms that must agree.
+
+Sizes: b batch, t query positions (T of them), s key positions (S = cached + T), d hidden_size,
+h heads, c kv_lora_rank, n qk_nope_head_dim, r qk_rope_head_dim, v v_head_dim
+(Kimi: d 7168, h 64, c 512, n 128, r 64, v 128, q_lora_rank 1536).
+
+Weights (names relative to ``self_attn.``):
+    q_a_proj [q_lora, d], q_a_layernorm [q_lora], q_b_proj [h(n+r), q_lora]   (or q_proj [h(n+r), d])
+    kv_a_proj_with_mqa [c+r, d], kv_a_layernorm [c], kv_b_proj [h(n+v), c], o_proj [d, h·v]
+    (+ ``.bias`` on q_a_proj, kv_a_proj_with_mqa, o_proj when attention_bias; Kimi has none)
+
+Equations, per token:
+    q            = q_b_proj(rms_norm(q_a_proj(x), eps=1e-6))      -> per head [n | r] = (q_nope, q_rope)
+    [latent|k_r] = kv_a_proj_with_mqa(x)                            latent [c], k_r [r], one k_r for all heads
+    latent       = rms_norm(latent, eps=1e-6)                      (the latent norms ignore rms_norm_eps)
+    q_rope, k_r  = rope(q_rope, pos), rope(k_r, pos)
+    W_uk [h,n,c], W_uv [h,v,c] = kv_b_proj.weight viewed as [h, n+v, c] and split
+
+naive form (materialize every head's K and V, then ordinary attention):
+    k[s,h]   = [W_uk[h] latent[s] | k_r[s]]      v[s,h] = W_uv[h] latent[s]
+    score[h,t,s] = scale · q[t,h] · k[s,h]
+
+absorbed form (attend straight to the cached latent; W_uk moves into the query, W_uv to the output):
+    score[h,t,s] = scale · ((W_uk[h]^T q_nope[t,h]) · latent[s] + q_rope[t,h] · k_r[s])
+    out[t,h]     = W_uv[h] Σ_s p[h,t,s] latent[s]
+
+both: p = softmax_s(score + causal mask), out = o_proj(concat_h out[t,h]),
+scale = softmax_scale(config) = qk_head_dim^-0.5 · mscale² (1/√192 · mscale² for Kimi, never 1/√576).
+
+Cache: a dict ``{"latent": [B,S,c], "k_rope": [B,S,r]}`` holding the *normalized* latent and the rope
+key *after* RoPE: c + r numbers per token (576 for Kimi). Each call appends its T tokens in place
+(start with ``{}``). Both forms read the same cache, so a prefill in one form can be continued in the
+other. Query t of this call sits at key index S - T + t and sees keys 0 .. S - T + t.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kimi_ref.config import KimiConfig
+from kimi_ref.oracle.norms import rms_norm
+from kimi_ref.oracle.rope import apply_rope, cos_sin, softmax_scale
+
+__all__ = ["LATENT_NORM_EPS", "mla", "query", "compress_kv", "split_kv_b", "causal_mask", "softmax",
+           "scores_naive", "scores_absorbed"]
+
+# DeepSeek builds q_a_layernorm and kv_a_layernorm as RMSNorm(rank) with the class default eps=1e-6;
+# config.rms_norm_eps (1e-5 for Kimi) is only passed to the decoder-layer norms.
+LATENT_NORM_EPS = 1e-6
+
+
+def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
+    """``x @ W.T (+ b)`` for the weight ``name.weight`` (and ``name.bias`` if the checkpoint has one)."""
+    y = x @ w[f"{name}.weight"].T
+    bias = w.get(f"{name}.bias")
+    return y if bias is None else y + bias
+
+
+def query(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
+    """q_nope [B,T,h,n] and q_rope [B,T,h,r] (before RoPE), through the low-rank q_a/q_b pair."""
+    b, t, _ = x.shape
+    h, n, r = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
+    if config.q_lora_rank is None:
+        q = _linear(x, w, "q_proj")
+    else:
+        q_latent = rms_norm(_linear(x, w, "q_a_proj"), w["q_a_layernorm.weight"], LATENT_NORM_EPS)
+        q = _linear(q_latent, w, "q_b_proj")
+    q = q.reshape(b, t, h, n + r)  # head-major: head j owns columns j·(n+r) .. (j+1)·(n+r)-1
+    return q[..., :n], q[..., n:]
+
+
+def compress_kv(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The normalized latent [B,T,c] and the shared rope key [B,T,r] (before RoPE)."""
+    c = config.kv_lora_rank
+    kv = _linear(x, w, "kv_a_proj_with_mqa")
+    latent, k_rope = kv[..., :c], kv[..., c:]
+    return rms_norm(latent, w["kv_a_layernorm.weight"], LATENT_NORM_EPS), k_rope
+
+
+def split_kv_b(w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
+    """W_uk [h,n,c] (latent -> key nope) and W_uv [h,v,c] (latent -> value) out of kv_b_proj [h(n+v), c]."""
+    h, n, v, c = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
+    kv_b = w["kv_b_proj.weight"].reshape(h, n + v, c)
+    return kv_b[:, :n, :], kv_b[:, n:, :]
+
+
+def causal_mask(t: int, s: int) -> np.ndarray:
+    """[T,S] additive mask: 0 where key s <= the query's own index S-T+t, -inf after it."""
+    query_index = np.arange(s - t, s)[:, None]
+    key_index = np.arange(s)[None, :]
+    return np.where(key_index <= query_index, 0.0, -np.inf)
+
+
+def softmax(scores: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis (max subtracted first; -inf entries get probability 0)."""
+    shifted = scores - np.max(scores, axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    return e / np.sum(e, axis=-1, keepdims=True)
+
+
+def scores_naive(q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray,
+                 w_uk: np.ndarray) -> np.ndarray:
+    """Unscaled logits [B,h,T,S] from materialized per-head keys k = [W_uk·latent | k_rope]."""
+    h = w_uk.shape[0]
+    k_nope = np.einsum("bsc,hnc->bshn", latent, w_uk)
+    k_rope_heads = np.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, k_rope.shape[-1]))
+    keys = np.concatenate([k_nope, k_rope_heads], axis=-1)  # [B,S,h,n+r]
+    queries = np.concatenate([q_nope, q_rope], axis=-1)  # [B,T,h,n+r]
+    return np.einsum("bthq,bshq->bhts", queries, keys)
+
+
+def scores_absorbed(q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray,
+                    w_uk: np.ndarray) -> np.ndarray:
+    """Unscaled logits [B,h,T,S] against the latent itself: (W_uk^T q_nope)·latent + q_rope·k_rope."""
+    q_latent = np.einsum("bthn,hnc->bthc", q_nope, w_uk)  # the query, moved into latent space
+    return np.einsum("bthc,bsc->bhts", q_latent, latent) + np.einsum("bthr,bsr->bhts", q_rope, k_rope)
+
+
+def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: np.ndarray,
+        cache: dict[str, np.ndarray] | None = None, form: str = "naive") -> np.ndarray:
+    """Multi-head latent attention [B,T,d] -> [B,T,d] in the ``"naive"`` or ``"absorbed"`` form (see the module doc)."""
+    if form not in ("naive", "absorbed"):
+        raise ValueError(f"mla: form must be 'naive' or 'absorbed', found {form!r}")
+    x = np.asarray(x, dtype=np.float64)
+    b, t, _ = x.shape
+    positions = np.asarray(positions)
+    if positions.shape != (t,):
+        raise ValueError(f"mla: positions must have shape ({t},) for {t} tokens, found {positions.shape}")
+    r = config.qk_rope_head_dim
+
+    q_nope, q_rope = query(x, w, config)
+    latent, k_rope = compress_kv(x, w, config)
+    cos, sin = cos_sin(positions, config.rope, r)  # [T, r/2]
+    q_rope = apply_rope(q_rope, cos[:, None, :], sin[:, None, :])  # same angle for every head
+    k_rope = apply_rope(k_rope, cos, sin)
+
+    if cache is not None:
+        if cache:
+            if cache["latent"].shape[0] != b:
+                raise ValueError(f"mla: cache holds batch {cache['latent'].shape[0]}, input has batch {b}")
+            latent = np.concatenate([cache["latent"], latent], axis=1)
+            k_rope = np.concatenate([cache["k_rope"], k_rope], axis=1)
+        cache["latent"], cache["k_rope"] = latent, k_rope
+    s = latent.shape[1]
+
+    w_uk, w_uv = split_kv_b(w, config)
+    score_fn = scores_naive if form == "naive" else scores_absorbed
+    scores = score_fn(q_nope, q_rope, latent, k_rope, w_uk) * softmax_scale(config)
+    p = softmax(scores + causal_mask(t, s))  # [B,h,T,S]
+
+    if form == "naive":
+        values = np.einsum("bsc,hvc->bshv", latent, w_uv)
+        heads = np.einsum("bhts,bshv->bthv", p, values)
+    else:
+        latent_out = np.einsum("bhts,bsc->bthc", p, latent)  # attention output, still in latent space
+        heads = np.einsum("bthc,hvc->bthv", latent_out, w_uv)
+    return _linear(heads.reshape(b, t, -1), w, "o_proj")

@@ -1,0 +1,654 @@
+"""The float64 oracle: HF transformers' DeepseekV3 as its peer, and its own invariants.
+
+* Peer: a tiny random ``DeepseekV3ForCausalLM`` (config derived from the K2.5 values: YaRN factor 64,
+  beta 32/1, mscale 1/1, theta 50000, routed_scaling_factor 2.827; random norm weights and a non-zero
+  random e_score_correction_bias, which HF would init to ones/zeros) run in float64, piece by piece
+  (RMSNorm, RoPE, router, MoE, dense MLP, attention) and end to end via ``save_pretrained`` +
+  ``kimi_ref.oracle.forward``. HF keeps fp32 islands even after ``.double()`` (RMSNorm, router logits,
+  RoPE angles), so those comparisons use the float32 tolerance; pure-float64 HF pieces use float64's.
+* Invariants at float64 tolerance: naive MLA == absorbed MLA; prefill + decode steps == one forward.
+* The safetensors reader against the safetensors library, both weight layouts, shards, MTP and vision
+  tensors skipped, INT4 experts (packed by compressed-tensors) dequantized; every error it raises.
+* The oracle never imports torch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import transformers
+from hypothesis import example, given
+from hypothesis import strategies as st
+from safetensors.numpy import save_file as save_numpy
+from safetensors.torch import save_file as save_torch
+from tolerances import assert_close
+
+from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
+from kimi_ref.oracle import checkpoint, experts, forward, mla, model, norms, rope, router
+from kimi_ref.oracle.checkpoint import CheckpointError
+
+REPO = Path(__file__).resolve().parents[1]
+K25 = load_config(fixture_path("kimi_k25"))
+K2_THINKING = load_config(fixture_path("kimi_k2_thinking"))
+F64, F32 = torch.float64, torch.float32  # tolerance rows: pure float64, and HF's fp32 islands
+
+
+# ------------------------------------------------------------------------------------------------
+# Tiny configs derived from K2.5, and their HF twins
+# ------------------------------------------------------------------------------------------------
+
+
+def make_config(*, heads: int = 3, nope: int = 8, rope_dim: int = 8, v: int = 12, q_lora: int | None = 24,
+                kv_lora: int = 16, hidden: int = 32, layers: int = 2, experts_n: int = 6, k: int = 2,
+                n_group: int = 1, topk_group: int = 1, original: int = 16, beta_fast: float | None = None,
+                moe_width: int = 16, attention_bias: bool = False, tied: bool = False) -> KimiConfig:
+    """K2.5 shrunk in size only (YaRN 64 with β 32/1, mscale 1/1, θ 50000, scaling 2.827, 1 dense layer)."""
+    c = tiny_config(K25, vocab_size=300, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                    q_lora_rank=24 if q_lora is None else q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope,
+                    qk_rope_head_dim=rope_dim, v_head_dim=v, intermediate_size=48, moe_intermediate_size=moe_width,
+                    n_routed_experts=experts_n, num_experts_per_tok=k, n_group=n_group, topk_group=topk_group,
+                    original_max_position_embeddings=original, max_position_embeddings=original * 64, vision=False)
+    changes: dict = {"attention_bias": attention_bias, "tie_word_embeddings": tied}
+    if q_lora is None:
+        changes["q_lora_rank"] = None
+    if beta_fast is not None:
+        changes["rope"] = dataclasses.replace(c.rope, beta_fast=beta_fast)
+    return c.replace(**changes)
+
+
+# The K2.5-shaped example every hypothesis test also runs: odd head count, v_head_dim != qk_nope_head_dim.
+KIMI_TINY = make_config()
+
+
+@st.composite
+def configs(draw, layers: int = 2) -> KimiConfig:
+    n_experts = draw(st.sampled_from([4, 6, 8]))
+    n_group = draw(st.sampled_from([g for g in (1, 2, 4) if n_experts % g == 0 and n_experts // g >= 2]))
+    topk_group = draw(st.integers(1, n_group))
+    return make_config(
+        heads=draw(st.sampled_from([1, 2, 3, 5])), nope=draw(st.sampled_from([4, 8])),
+        rope_dim=draw(st.sampled_from([4, 8, 16])), v=draw(st.sampled_from([4, 6, 12])),
+        q_lora=draw(st.sampled_from([None, 24])), kv_lora=draw(st.sampled_from([8, 16])), layers=layers,
+        experts_n=n_experts, k=draw(st.integers(1, min(3, topk_group * (n_experts // n_group)))),
+        n_group=n_group, topk_group=topk_group, original=draw(st.sampled_from([8, 16, 4096])),
+        beta_fast=draw(st.sampled_from([32.0, 1.0])),  # K2.5, K2-Instruct-0905
+        attention_bias=draw(st.sampled_from([False, False, True])),  # Kimi: false; HF supports both
+    )
+
+
+def hf_config(c: KimiConfig) -> transformers.DeepseekV3Config:
+    r = c.rope
+    return transformers.DeepseekV3Config(
+        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
+        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_hidden_layers,
+        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
+        n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_routed_experts,
+        routed_scaling_factor=c.routed_scaling_factor, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
+        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, qk_nope_head_dim=c.qk_nope_head_dim,
+        n_group=c.n_group, topk_group=c.topk_group, num_experts_per_tok=c.num_experts_per_tok,
+        first_k_dense_replace=c.first_k_dense_replace, norm_topk_prob=c.norm_topk_prob,
+        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
+        rope_parameters={"rope_type": "yarn", "rope_theta": r.theta, "factor": r.factor, "beta_fast": r.beta_fast,
+                         "beta_slow": r.beta_slow, "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
+                         "original_max_position_embeddings": r.original_max_position_embeddings},
+        attention_bias=c.attention_bias, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
+        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
+        attn_implementation="sdpa", experts_implementation="eager",  # float64 all through (no grouped_mm)
+    )
+
+
+def hf_model(c: KimiConfig, seed: int) -> transformers.DeepseekV3ForCausalLM:
+    """A float64 HF model with every parameter random, including what HF inits to constants."""
+    m = transformers.DeepseekV3ForCausalLM(hf_config(c)).double().eval()
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(shape):
+        return torch.randn(shape, generator=g, dtype=torch.float64)
+
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if name.endswith("embed_tokens.weight"):
+                p.copy_(randn(p.shape))
+            elif p.ndim == 1:  # RMSNorm weights (HF: ones)
+                p.copy_(1 + 0.3 * randn(p.shape))
+            else:  # fan-in scaling keeps activations O(1) through the layers
+                p.copy_(randn(p.shape) * p.shape[-1] ** -0.5)
+        for name, b in m.named_buffers():
+            if name.endswith("e_score_correction_bias"):  # HF: zeros
+                b.copy_(0.1 * randn(b.shape))
+    return m
+
+
+def hf_checkpoint(c: KimiConfig, seed: int, directory: Path) -> tuple[transformers.DeepseekV3ForCausalLM, KimiConfig, dict]:
+    """The HF model, saved with save_pretrained, and what the oracle's reader makes of it."""
+    m = hf_model(c, seed)
+    m.save_pretrained(directory)
+    config, weights = checkpoint.load_weights(directory)
+    return m, config, weights
+
+
+def random_weights(c: KimiConfig, seed: int) -> dict[str, np.ndarray]:
+    """Random float64 weights for every tensor the config implies (for oracle-only invariants)."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name, shape in checkpoint.expected_shapes(c).items():
+        if name.endswith("embed_tokens.weight"):
+            out[name] = rng.standard_normal(shape)
+        elif name.endswith("e_score_correction_bias"):
+            out[name] = 0.1 * rng.standard_normal(shape)
+        elif len(shape) == 1:
+            out[name] = 1 + 0.3 * rng.standard_normal(shape)
+        else:
+            out[name] = rng.standard_normal(shape) * shape[-1] ** -0.5
+    return out
+
+
+def t(x: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(x))
+
+
+# ------------------------------------------------------------------------------------------------
+# RoPE / YaRN numbers of the real configs
+# ------------------------------------------------------------------------------------------------
+
+
+def test_softmax_scale_of_the_real_k25_config():
+    assert rope.softmax_scale(K25) == pytest.approx(0.1446796, abs=5e-8)
+    assert rope.yarn_get_mscale(64.0, 1.0) == pytest.approx(1.41589, abs=5e-6)
+    assert rope.attention_factor(K25.rope) == 1.0  # mscale == mscale_all_dim: cos/sin unscaled
+    # without YaRN the scale is the plain 1/sqrt(192)
+    plain = K25.replace(rope=dataclasses.replace(K25.rope, type="default"))
+    assert rope.softmax_scale(plain) == pytest.approx(192 ** -0.5, rel=1e-15)
+
+
+def test_yarn_correction_range_of_the_real_configs():
+    assert rope.correction_range(K25.rope, K25.qk_rope_head_dim) == (8, 20)  # beta 32/1
+    assert K2_THINKING.rope.beta_fast == 1.0
+    assert rope.correction_range(K2_THINKING.rope, 64) == (19, 20)  # beta 1/1
+    assert rope.correction_range(dataclasses.replace(K25.rope, beta_fast=1.0), 64) == (19, 20)
+    f = rope.inv_freq(K25.rope, 64)
+    base = 50000.0 ** (-np.arange(0, 64, 2) / 64)
+    np.testing.assert_array_equal(f[:8], base[:8])  # below the ramp: original frequencies
+    np.testing.assert_allclose(f[20:], base[20:] / 64, rtol=1e-15)  # above it: interpolated by the factor
+    assert np.all((f[8:20] <= base[8:20]) & (f[8:20] >= base[8:20] / 64))
+
+
+@given(dim=st.sampled_from([4, 8, 16, 64]), original=st.sampled_from([8, 16, 4096]),
+       beta_fast=st.sampled_from([32.0, 1.0, 4.0]), factor=st.sampled_from([1.0, 4.0, 64.0]),
+       mscale=st.sampled_from([(1.0, 1.0), (0.707, 1.0), (1.0, 0.5)]), seed=st.integers(0, 2**16))
+def test_rope_matches_hf(dim, original, beta_fast, factor, mscale, seed):
+    c = make_config(rope_dim=dim, original=original)
+    c = c.replace(rope=dataclasses.replace(c.rope, beta_fast=beta_fast, factor=factor, mscale=mscale[0],
+                                           mscale_all_dim=mscale[1]))
+    hf = transformers.DeepseekV3ForCausalLM(hf_config(c)).double().eval()
+    # YaRN frequencies and magnitude (HF computes them in fp32)
+    rot = hf.model.rotary_emb
+    assert_close(rope.inv_freq(c.rope, dim), rot.inv_freq, F32, what="inv_freq")
+    assert rot.attention_scaling == pytest.approx(rope.attention_factor(c.rope), rel=1e-12)
+    assert hf.model.layers[0].self_attn.scaling == pytest.approx(rope.softmax_scale(c), rel=1e-12)
+    # cos/sin: HF lays them out as cat(freqs, freqs); positions stay small so its fp32 angles are exact enough
+    positions = np.arange(40)
+    cos, sin = rope.cos_sin(positions, c.rope, dim)
+    hf_cos, hf_sin = rot(torch.zeros(1, dtype=torch.float64), t(positions)[None])
+    assert_close(np.concatenate([cos, cos], -1)[None], hf_cos, F32, what="cos")
+    assert_close(np.concatenate([sin, sin], -1)[None], hf_sin, F32, what="sin")
+    # the rotation itself, fed the same float64 angles: equal up to HF's de-interleaving permutation
+    rng = np.random.default_rng(seed)
+    q, k = rng.standard_normal((2, 3, 40, dim)), rng.standard_normal((2, 1, 40, dim))
+    hf_q, hf_k = transformers.models.deepseek_v3.modeling_deepseek_v3.apply_rotary_pos_emb_interleave(
+        t(q), t(k), t(np.concatenate([cos, cos], -1))[None], t(np.concatenate([sin, sin], -1))[None])
+    perm = np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
+    assert_close(rope.apply_rope(q, cos, sin)[..., perm], hf_q, F64, what="rope(q)")
+    assert_close(rope.apply_rope(k, cos, sin)[..., perm], hf_k, F64, what="rope(k)")
+
+
+def test_rope_rotates_interleaved_pairs():
+    x = np.zeros(8)
+    x[2] = 1.0  # the x of pair 1
+    cfg = dataclasses.replace(K25.rope, type="default")
+    cos, sin = rope.cos_sin(np.array(3), cfg, 8)
+    y = rope.apply_rope(x, cos, sin)
+    angle = 3 * 50000.0 ** (-2 / 8)
+    np.testing.assert_allclose(y, [0, 0, math.cos(angle), math.sin(angle), 0, 0, 0, 0], atol=1e-15)
+
+
+# ------------------------------------------------------------------------------------------------
+# Pieces against HF
+# ------------------------------------------------------------------------------------------------
+
+
+@given(shape=st.sampled_from([(5, 8), (2, 3, 32), (1, 7)]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       eps=st.sampled_from([1e-5, 1e-6]), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_torch_and_hf(shape, scale, eps, seed):
+    rng = np.random.default_rng(seed)
+    x, w = scale * rng.standard_normal(shape), 1 + 0.3 * rng.standard_normal(shape[-1])
+    ours = norms.rms_norm(x, w, eps)
+    assert_close(ours, torch.nn.functional.rms_norm(t(x), (shape[-1],), t(w), eps), F64, what="rms_norm vs torch")
+    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3RMSNorm(shape[-1], eps).double()
+    with torch.no_grad():
+        hf.weight.copy_(t(w))
+        assert_close(ours, hf(t(x)), F32, what="rms_norm vs HF (fp32 inside)")
+
+
+@given(c=configs(), seed=st.integers(0, 2**16), tokens=st.integers(1, 12))
+@example(c=KIMI_TINY, seed=0, tokens=9)
+def test_router_matches_hf(c, seed, tokens):
+    m = hf_model(c, seed)
+    gate = m.model.layers[1].mlp.gate
+    x = np.random.default_rng(seed).standard_normal((tokens, c.hidden_size))
+    w, b = gate.weight.detach().numpy(), gate.e_score_correction_bias.detach().numpy()
+    weights, indices = router.route(x, w, b, c)
+    with torch.no_grad():
+        _, hf_weights, hf_indices = gate(t(x))
+    hf_indices = hf_indices.numpy()
+    np.testing.assert_array_equal(np.sort(indices, 1), np.sort(hf_indices, 1))  # the same experts ...
+    ours_by_expert = np.take_along_axis(weights, np.argsort(indices, 1), 1)
+    hf_by_expert = np.take_along_axis(hf_weights.numpy(), np.argsort(hf_indices, 1), 1)
+    assert_close(ours_by_expert, hf_by_expert, F32, what="routing weights")  # ... with the same weights
+    choice = router.router_scores(x, w) + b
+    assert np.all(np.diff(np.take_along_axis(choice, indices, 1), axis=1) <= 0), "not ordered best first"
+    np.testing.assert_allclose(weights.sum(1), c.routed_scaling_factor, rtol=1e-12)  # norm_topk_prob, then × 2.827
+
+
+def test_group_limited_routing_masks_with_minus_infinity():
+    c = make_config(experts_n=8, k=2, n_group=4, topk_group=1)
+    # Strongly negative biases: every choice score is < 0. Group 2 (experts 4, 5) has the best top-2 sum.
+    bias = np.full(8, -5.0)
+    bias[4:6] = -4.0
+    weight = np.zeros((8, c.hidden_size))  # zero logits: every score is sigmoid(0) = 0.5
+    weights, indices = router.route(np.ones((1, c.hidden_size)), weight, bias, c)
+    # A 0.0 mask would hand the choice to masked experts (0 > -3.5); -inf keeps it inside group 2.
+    assert sorted(indices[0].tolist()) == [4, 5]
+    np.testing.assert_allclose(weights[0], [c.routed_scaling_factor / 2] * 2, rtol=1e-15)
+    assert router.group_mask(bias + 0.5, c).tolist() == [False] * 4 + [True, True] + [False] * 2
+
+
+@given(c=configs(), seed=st.integers(0, 2**16), batch=st.integers(1, 2), length=st.integers(1, 24),
+       x_scale=st.sampled_from([1e-3, 1.0]))
+@example(c=KIMI_TINY, seed=1, batch=2, length=20, x_scale=1.0)
+def test_layer_pieces_match_hf(c, seed, batch, length, x_scale):
+    """Dense MLP, MoE and both MLA forms, fed the same input as HF's modules (weights via save_pretrained)."""
+    with tempfile.TemporaryDirectory() as d:
+        m, config, weights = hf_checkpoint(c, seed, Path(d))
+    x = x_scale * np.random.default_rng(seed + 1).standard_normal((batch, length, c.hidden_size))
+    with torch.no_grad():
+        layer0, layer1 = m.model.layers[0], m.model.layers[1]
+        dense = experts.dense_mlp(x.reshape(-1, c.hidden_size), model.sub_weights(weights, "model.layers.0.mlp."))
+        assert_close(dense.reshape(x.shape), layer0.mlp(t(x)), F64, what="dense MLP")  # HF's MLP is pure float64
+        moe = experts.moe(x.reshape(-1, c.hidden_size), model.sub_weights(weights, "model.layers.1.mlp."), config)
+        assert_close(moe.reshape(x.shape), layer1.mlp(t(x)), F32, what="MoE")
+
+        positions = np.arange(length)
+        cos_sin = m.model.rotary_emb(t(x), t(positions)[None])
+        mask = torch.full((length, length), -math.inf, dtype=torch.float64).triu(1)[None, None]
+        attn_w = model.sub_weights(weights, "model.layers.1.self_attn.")
+        expected = layer1.self_attn(t(x), position_embeddings=cos_sin, attention_mask=mask)[0]
+        for form in ("naive", "absorbed"):
+            assert_close(mla.mla(x, attn_w, config, positions, form=form), expected, F32, what=f"MLA {form}")
+
+
+@given(c=configs(layers=3), seed=st.integers(0, 2**16), batch=st.integers(1, 2), length=st.integers(1, 24))
+@example(c=make_config(layers=3), seed=2, batch=2, length=24)
+def test_logits_match_hf(c, seed, batch, length):
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, (batch, length))
+    with tempfile.TemporaryDirectory() as d:
+        m = hf_model(c, seed)
+        m.save_pretrained(d)
+        ours = forward(d, ids)
+    with torch.no_grad():
+        expected = m(t(ids)).logits
+    assert ours.dtype == np.float64 and ours.shape == (batch, length, c.vocab_size)
+    assert_close(ours, expected, F32, what="logits vs HF DeepseekV3")
+
+
+def test_tied_embeddings_match_hf(tmp_path):
+    c = make_config(tied=True)
+    m = hf_model(c, 12)
+    m.save_pretrained(tmp_path)
+    config, weights = checkpoint.load_weights(tmp_path)
+    assert config.tie_word_embeddings and "lm_head.weight" not in weights  # HF saves the shared tensor once
+    ids = np.random.default_rng(12).integers(0, c.vocab_size, (1, 9))
+    with torch.no_grad():
+        expected = m(t(ids)).logits
+    assert_close(forward(tmp_path, ids), expected, F32, what="tied-embedding logits")
+
+
+# ------------------------------------------------------------------------------------------------
+# Oracle invariants (float64 tolerance)
+# ------------------------------------------------------------------------------------------------
+
+
+@given(c=configs(layers=3), seed=st.integers(0, 2**16), batch=st.integers(1, 2), length=st.integers(1, 20))
+@example(c=KIMI_TINY, seed=3, batch=2, length=20)
+def test_naive_mla_equals_absorbed_mla(c, seed, batch, length):
+    w = random_weights(c, seed)
+    x = np.random.default_rng(seed).standard_normal((batch, length, c.hidden_size))
+    attn = model.sub_weights(w, "model.layers.0.self_attn.")
+    positions = np.arange(length)
+    assert_close(mla.mla(x, attn, c, positions, form="absorbed"), mla.mla(x, attn, c, positions, form="naive"), F64,
+                 what="MLA absorbed vs naive")
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, (batch, length))
+    assert_close(model.logits(ids, w, c, form="absorbed"), model.logits(ids, w, c, form="naive"), F64,
+                 what="logits absorbed vs naive")
+
+
+@given(c=configs(layers=3), seed=st.integers(0, 2**16), length=st.integers(2, 20), data=st.data(),
+       forms=st.sampled_from([("absorbed", "absorbed"), ("naive", "naive"), ("naive", "absorbed")]))
+@example(c=KIMI_TINY, seed=4, length=20, data=None, forms=("absorbed", "absorbed"))
+def test_prefill_then_decode_equals_one_forward(c, seed, length, data, forms):
+    prefill = data.draw(st.integers(1, length - 1)) if data is not None else 7
+    w = random_weights(c, seed)
+    ids = np.random.default_rng(seed).integers(0, c.vocab_size, (2, length))
+    full = model.logits(ids, w, c, form="naive")
+
+    cache = model.new_cache(c)
+    steps = [model.logits(ids[:, :prefill], w, c, cache=cache, form=forms[0])]
+    for i in range(prefill, length):  # one token at a time, positions continuing from the cache
+        steps.append(model.logits(ids[:, i:i + 1], w, c, cache=cache, form=forms[1]))
+    assert_close(np.concatenate(steps, axis=1), full, F64, what=f"prefill {prefill} + decode ({forms}) vs forward")
+    # the cache holds exactly kv_lora_rank + qk_rope_head_dim numbers per token per layer
+    assert len(cache) == c.num_hidden_layers
+    for layer in cache:
+        assert set(layer) == {"latent", "k_rope"}
+        assert layer["latent"].shape == (2, length, c.kv_lora_rank)
+        assert layer["k_rope"].shape == (2, length, c.qk_rope_head_dim)
+
+
+def test_cache_holds_the_normalized_latent_and_the_rotated_rope_key():
+    c = KIMI_TINY
+    w = model.sub_weights(random_weights(c, 5), "model.layers.0.self_attn.")
+    x = 1e-3 * np.random.default_rng(5).standard_normal((1, 6, c.hidden_size))  # small: eps 1e-6 vs 1e-5 shows
+    cache: dict = {}
+    mla.mla(x, w, c, np.arange(6), cache, form="absorbed")
+    kv = x @ w["kv_a_proj_with_mqa.weight"].T
+    latent, k_rope = kv[..., :c.kv_lora_rank], kv[..., c.kv_lora_rank:]
+    ms = np.mean(latent ** 2, -1, keepdims=True)
+    assert_close(cache["latent"], latent / np.sqrt(ms + 1e-6) * w["kv_a_layernorm.weight"], F64, what="cached latent")
+    with pytest.raises(AssertionError):  # the config's eps 1e-5 would give a measurably different latent
+        assert_close(cache["latent"], latent / np.sqrt(ms + 1e-5) * w["kv_a_layernorm.weight"], F64, what="eps")
+    cos, sin = rope.cos_sin(np.arange(6), c.rope, c.qk_rope_head_dim)
+    assert_close(cache["k_rope"], rope.apply_rope(k_rope, cos, sin), F64, what="cached rope key (after RoPE)")
+
+
+def test_bad_inputs_to_the_oracle():
+    c = KIMI_TINY
+    w = random_weights(c, 6)
+    for ids, message in ((np.array([1, 2, 3]), "batch, time"), (np.array([[1, 300]]), "outside the vocabulary"),
+                         (np.array([[1.5]]), "integers"), (np.zeros((1, 0), int), "no tokens")):
+        with pytest.raises(ValueError, match=message):
+            model.logits(ids, w, c)
+    with pytest.raises(ValueError, match="form"):
+        mla.mla(np.zeros((1, 2, c.hidden_size)), model.sub_weights(w, "model.layers.0.self_attn."), c, np.arange(2),
+                form="fast")
+    with pytest.raises(ValueError, match="cache has 1 layers"):
+        model.logits(np.array([[1]]), w, c, cache=[{}])
+
+
+# ------------------------------------------------------------------------------------------------
+# The checkpoint reader
+# ------------------------------------------------------------------------------------------------
+
+
+def test_reader_reads_every_dtype_like_the_safetensors_library(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f64": torch.randn(3, 4, generator=g, dtype=torch.float64), "f32": torch.randn(5, generator=g),
+        "f16": torch.randn(2, 3, generator=g).half(), "bf16": torch.randn(4, 4, generator=g).bfloat16(),
+        "i64": torch.randint(-2**40, 2**40, (3,), generator=g),
+        "i32": torch.randint(-2**31, 2**31 - 1, (2, 2), generator=g, dtype=torch.int32),
+        "i16": torch.randint(-2**15, 2**15 - 1, (3,), generator=g, dtype=torch.int16),
+        "i8": torch.randint(-128, 127, (4,), generator=g, dtype=torch.int8),
+        "u8": torch.randint(0, 255, (4,), generator=g, dtype=torch.uint8), "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3),
+    }
+    save_torch(tensors, tmp_path / "x.safetensors", metadata={"format": "pt"})
+    got = checkpoint.read_safetensors(tmp_path / "x.safetensors")
+    assert set(got) == set(tensors)
+    for name, expected in tensors.items():
+        want = expected.float().numpy() if expected.dtype == torch.bfloat16 else expected.numpy()
+        assert got[name].shape == want.shape and got[name].dtype == want.dtype, name
+        np.testing.assert_array_equal(got[name], want, err_msg=name)
+
+
+def _write_raw(path: Path, header: dict, data: bytes, length: int | None = None) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes((len(raw) if length is None else length).to_bytes(8, "little") + raw + data)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("short", "shorter than the 8-byte header"),
+    ("header_past_end", "runs past the end of the file"),
+    ("bad_json", "not valid JSON"),
+    ("unknown_dtype", "tensor 'w' has unknown dtype 'F8_E4M3'"),
+    ("truncated", "tensor 'w' lies at bytes \\[0, 64\\) of the data section, which holds only 40 bytes: truncated"),
+    ("size_mismatch", "tensor 'w' \\(F32 \\[4, 4\\]\\) needs 64 bytes"),
+    ("bad_entry", "tensor 'w': header entry must have"),
+])
+def test_reader_errors_name_the_file_and_tensor(tmp_path, case, message):
+    path = tmp_path / "bad.safetensors"
+    entry = {"dtype": "F32", "shape": [4, 4], "data_offsets": [0, 64]}
+    if case == "short":
+        path.write_bytes(b"\x10\x00\x00")
+    elif case == "header_past_end":
+        _write_raw(path, {"w": entry}, bytes(64), length=10_000)
+    elif case == "bad_json":
+        path.write_bytes((5).to_bytes(8, "little") + b"{nope" + bytes(8))
+    elif case == "unknown_dtype":
+        _write_raw(path, {"w": {**entry, "dtype": "F8_E4M3"}}, bytes(64))
+    elif case == "truncated":
+        _write_raw(path, {"w": entry}, bytes(40))
+    elif case == "size_mismatch":
+        _write_raw(path, {"w": {**entry, "data_offsets": [0, 60]}}, bytes(64))
+    elif case == "bad_entry":
+        _write_raw(path, {"w": {"dtype": "F32"}}, b"")
+    with pytest.raises(CheckpointError, match=message) as err:
+        checkpoint.read_safetensors(path)
+    assert str(path) in str(err.value)
+
+
+def test_truncating_a_real_checkpoint_is_caught(tmp_path):
+    hf_model(KIMI_TINY, 7).save_pretrained(tmp_path)
+    raw = (tmp_path / "model.safetensors").read_bytes()
+    (tmp_path / "model.safetensors").write_bytes(raw[: len(raw) - 100])
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: tensor '.*' lies at bytes .* truncated file"):
+        checkpoint.load_weights(tmp_path)
+
+
+def _write_k25_layout(c: KimiConfig, weights: dict[str, np.ndarray], directory: Path, *, shards: int = 2,
+                      extra: dict[str, np.ndarray] | None = None) -> None:
+    """Write ``weights`` (flat names) the way K2.5 ships: language_model. prefix, an index, several shards."""
+    directory.mkdir(parents=True, exist_ok=True)
+    c.save(directory / "config.json")
+    stored = {"language_model." + k: v for k, v in weights.items()}
+    stored.update(extra or {})
+    names = sorted(stored)
+    weight_map = {}
+    for i in range(shards):
+        shard = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        part = {n: np.ascontiguousarray(stored[n]) for n in names[i::shards]}
+        save_numpy(part, directory / shard)
+        weight_map.update({n: shard for n in part})
+    (directory / checkpoint.INDEX_FILE).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+
+
+def test_kimi_k25_layout_with_shards_vision_and_mtp_equals_the_flat_checkpoint(tmp_path):
+    c = KIMI_TINY
+    ids = np.random.default_rng(8).integers(0, c.vocab_size, (2, 11))
+    m = hf_model(c, 8)
+    m.save_pretrained(tmp_path / "flat")
+    _, weights = checkpoint.load_weights(tmp_path / "flat")
+    rng = np.random.default_rng(0)
+    not_text = {  # MoonViT, its projector and a multi-token-prediction layer: none of them is the text model
+        "vision_tower.patch_embed.proj.weight": rng.standard_normal((8, 3, 14, 14)).astype(np.float32),
+        "mm_projector.proj.0.weight": rng.standard_normal((4, 4)).astype(np.float32),
+        f"language_model.model.layers.{c.num_hidden_layers}.self_attn.q_a_proj.weight": np.zeros((3, 3), np.float32),
+    }
+    _write_k25_layout(c, weights, tmp_path / "k25", shards=3, extra=not_text)
+    config, loaded = checkpoint.load_weights(tmp_path / "k25")
+    assert config.layout == "kimi_k25" and set(loaded) == set(weights)
+    assert_close(forward(tmp_path / "k25", ids), forward(tmp_path / "flat", ids), F64, what="k25 layout vs flat")
+
+
+def test_bf16_checkpoint_widens_exactly(tmp_path):
+    m = hf_model(KIMI_TINY, 9).to(torch.bfloat16)
+    m.save_pretrained(tmp_path)
+    _, weights = checkpoint.load_weights(tmp_path)
+    state = m.state_dict()
+    for name in ("model.embed_tokens.weight", "model.layers.0.self_attn.kv_b_proj.weight", "lm_head.weight"):
+        np.testing.assert_array_equal(weights[name], state[name].double().numpy(), err_msg=name)
+
+
+def _pack_with_compressed_tensors(q: np.ndarray) -> np.ndarray:
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(torch.from_numpy(q.astype(np.int8)), num_bits=4).numpy()
+
+
+def test_int4_experts_are_dequantized(tmp_path):
+    c = make_config(hidden=64, moe_width=32, experts_n=4)  # in-features divisible by the group size 32
+    assert c.quantization is not None and c.quantization.group_size == 32
+    weights = random_weights(c, 10)
+    rng = np.random.default_rng(10)
+    stored, dense = {}, dict(weights)
+    for name in list(weights):
+        module = name.removesuffix(".weight")
+        if ".mlp.experts." not in name or not c.quantization.is_quantized(module):
+            continue
+        out_f, in_f = weights[name].shape
+        q = rng.integers(-8, 8, (out_f, in_f))
+        scale = torch.rand(out_f, in_f // 32, dtype=torch.float64).bfloat16()  # scales are bf16 in the checkpoint
+        dense[name] = q * np.repeat(scale.double().numpy(), 32, axis=1)
+        stored[f"language_model.{module}.weight_packed"] = _pack_with_compressed_tensors(q)
+        stored[f"language_model.{module}.weight_scale"] = scale
+        stored[f"language_model.{module}.weight_shape"] = np.array([out_f, in_f], np.int32)
+        del weights[name]
+    assert stored, "no expert was quantized"
+    c.save(tmp_path / "config.json")
+    tensors = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in stored.items()}
+    tensors.update({"language_model." + k: torch.from_numpy(v) for k, v in weights.items()})
+    save_torch(tensors, tmp_path / "model.safetensors")
+    _, loaded = checkpoint.load_weights(tmp_path)
+    assert set(loaded) == set(dense)
+    for name, want in dense.items():
+        np.testing.assert_array_equal(loaded[name], want, err_msg=name)
+    ids = np.array([[1, 5, 9, 200, 42]])
+    assert_close(forward(tmp_path, ids), model.logits(ids, dense, c), F64, what="INT4 checkpoint logits")
+
+    # an incomplete INT4 triple names the module
+    del tensors[f"language_model.model.layers.1.mlp.experts.0.up_proj.weight_scale"]
+    save_torch(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.1\.mlp\.experts\.0\.up_proj' lacks .*weight_scale"):
+        checkpoint.load_weights(tmp_path)
+
+
+def _flat_checkpoint(directory: Path, c: KimiConfig, weights: dict[str, np.ndarray]) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    c.replace(layout="flat").save(directory / "config.json")
+    save_numpy({k: np.ascontiguousarray(v) for k, v in weights.items()}, directory / "model.safetensors")
+
+
+def test_checkpoint_errors_name_the_tensor(tmp_path):
+    c = KIMI_TINY.replace(vision=None)
+    w = random_weights(c, 11)
+
+    def attempt(name: str, weights: dict, message: str) -> None:
+        _flat_checkpoint(tmp_path / name, c, weights)
+        with pytest.raises(CheckpointError, match=message):
+            checkpoint.load_weights(tmp_path / name)
+
+    attempt("missing", {k: v for k, v in w.items() if k != "model.layers.1.mlp.experts.3.down_proj.weight"},
+            "missing tensor 'model.layers.1.mlp.experts.3.down_proj.weight'")
+    attempt("extra", {**w, "model.layers.0.mlp.experts.0.up_proj.weight": np.zeros((2, 2))},
+            "unexpected tensor 'model.layers.0.mlp.experts.0.up_proj.weight'")
+    attempt("shape", {**w, "model.layers.0.self_attn.kv_b_proj.weight": np.zeros((5, 16))},
+            r"'model.layers.0.self_attn.kv_b_proj.weight' has shape \[5, 16\], expected \[60, 16\]")
+    attempt("dtype", {**w, "model.norm.weight": np.ones(32, np.int32)}, "'model.norm.weight' has dtype int32")
+
+    with pytest.raises(CheckpointError, match="no model.safetensors and no model.safetensors.index.json"):
+        (tmp_path / "empty").mkdir()
+        c.save(tmp_path / "empty" / "config.json")
+        checkpoint.load_weights(tmp_path / "empty")
+    with pytest.raises(CheckpointError, match="not a checkpoint directory"):
+        checkpoint.load_weights(tmp_path / "nowhere")
+
+    _write_k25_layout(c.replace(layout="kimi_k25"), w, tmp_path / "sharded")
+    index_path = tmp_path / "sharded" / checkpoint.INDEX_FILE
+    original_index = json.loads(index_path.read_text())
+    index = json.loads(json.dumps(original_index))
+    index["weight_map"]["language_model.model.norm.weight"] = "model-00009-of-00009.safetensors"
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match="model-00009-of-00009.safetensors: safetensors file not found"):
+        checkpoint.load_weights(tmp_path / "sharded")
+    index = json.loads(json.dumps(original_index))
+    moved = next(n for n, shard in index["weight_map"].items() if shard.startswith("model-00002"))
+    index["weight_map"][moved] = "model-00001-of-00002.safetensors"  # the index points at the wrong shard
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(CheckpointError, match=f"model-00001-of-00002.safetensors: missing tensor '{moved}'"):
+        checkpoint.load_weights(tmp_path / "sharded")
+    save_numpy({"x": np.zeros(1)}, tmp_path / "sharded" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="both model.safetensors and model.safetensors.index.json"):
+        checkpoint.load_weights(tmp_path / "sharded")
+
+
+# ------------------------------------------------------------------------------------------------
+# No torch in the oracle
+# ------------------------------------------------------------------------------------------------
+
+_NO_TORCH_SCRIPT = textwrap.dedent('''
+    import importlib, importlib.abc, pathlib, sys, tempfile
+
+    class NoTorch(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "torch" or name.startswith("torch."):
+                raise ModuleNotFoundError(f"blocked: the oracle imported {name}")
+            return None
+
+    sys.meta_path.insert(0, NoTorch())
+    import numpy as np
+    import kimi_ref.oracle
+    for f in sorted(pathlib.Path(kimi_ref.oracle.__file__).parent.glob("*.py")):
+        importlib.import_module("kimi_ref.oracle." + f.stem)
+
+    # and run it end to end, INT4 experts included, so lazy imports inside functions are caught too
+    from safetensors.numpy import save_file
+    from kimi_ref.config import fixture_path, load_config, tiny_config
+    from kimi_ref.oracle import checkpoint, forward, int4
+    c = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=260, hidden_size=32, num_hidden_layers=2,
+                    moe_intermediate_size=32, vision=False)
+    rng = np.random.default_rng(0)
+    tensors = {}
+    for name, shape in checkpoint.expected_shapes(c).items():
+        w = rng.standard_normal(shape) * 0.2
+        if ".mlp.experts." in name:
+            packed, scale = int4.quantize(w.astype(np.float32))
+            module = "language_model." + name[: -len(".weight")]
+            tensors[module + ".weight_packed"] = packed
+            tensors[module + ".weight_scale"] = scale.astype(np.float32)
+            tensors[module + ".weight_shape"] = np.array(shape, np.int32)
+        else:
+            tensors["language_model." + name] = w
+    with tempfile.TemporaryDirectory() as d:
+        save_file(tensors, d + "/model.safetensors")
+        c.save(d + "/config.json")
+        logits = forward(d, np.array([[1, 2, 3]]))
+    assert logits.shape == (1, 3, 260) and np.isfinite(logits).all()
+    loaded = [m for m in sys.modules if m == "torch" or m.startswith("torch.")]
+    assert not loaded, loaded
+    print("no torch")
+''')
+
+
+def test_the_oracle_never_imports_torch():
+    result = subprocess.run([sys.executable, "-c", _NO_TORCH_SCRIPT], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0 and "no torch" in result.stdout, result.stderr[-3000:]
