@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,31 @@ def test_media_config(tmp_path):
     del broken["media_proc_cfg"]["in_patch_limit"]
     with pytest.raises(ConfigError, match="media_proc_cfg.in_patch_limit"):
         MediaConfig.from_dict(broken, "preprocessor_config.json")
+
+
+# ---- chapter 00 solutions ---------------------------------------------------------------------------
+
+
+def _overview_solutions():
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "00_overview.py"
+    spec = importlib.util.spec_from_file_location("solutions_00_overview", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_chapter_00_solutions():
+    sol = _overview_solutions()
+    real = load_config(fixture_path("kimi_k25"))
+    # The model card says "32B activated parameters" for the K2 family.
+    assert 31e9 < sol.active_parameters(real) < 34e9
+    # 61 layers × 576 values × 2 bytes per token.
+    assert sol.kv_cache_bytes(real, 1) == 61 * 576 * 2
+    assert sol.mha_cache_bytes(real, 1) == 61 * 64 * (192 + 128) * 2
+    # Counted against the tiny model's real parameter count: a model built from the tiny config
+    # touches exactly these for one token when every expert counts as "active".
+    tiny = tiny_config(real)
+    dense_equivalent = tiny.replace(num_experts_per_tok=tiny.n_routed_experts)
+    assert sol.active_parameters(dense_equivalent) > sol.active_parameters(tiny)
