@@ -1,0 +1,141 @@
+"""RMSNorm (kimi_ref/norms.py) == the float64 oracle (kimi_ref/oracle/norms.py), and its eps rules."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import assert_close
+
+from kimi_ref import norms
+from kimi_ref.config import fixture_path, load_config, tiny_config
+from kimi_ref.mla import LATENT_NORM_EPS, MLA
+from kimi_ref.oracle import norms as onorms
+
+K25 = load_config(fixture_path("kimi_k25"))
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _inputs(seed: int, shape: tuple[int, ...], magnitude: float, dtype: torch.dtype):
+    g = torch.Generator().manual_seed(seed)
+    x = (torch.randn(shape, generator=g, dtype=torch.float64) * magnitude).to(dtype)
+    w = (1.0 + 0.5 * torch.randn(shape[-1], generator=g, dtype=torch.float64)).to(dtype)
+    return x, w
+
+
+@given(dtype=st.sampled_from(DTYPES), lead=st.lists(st.integers(1, 4), min_size=0, max_size=3),
+       n=st.sampled_from([1, 2, 7, 64, 513, 2048]), magnitude=st.sampled_from([1e-3, 1.0, 300.0]),
+       eps=st.sampled_from([1e-6, 1e-5]), seed=st.integers(0, 2**31 - 1))
+def test_rms_norm_matches_oracle(dtype, lead, n, magnitude, eps, seed):
+    x, w = _inputs(seed, (*lead, n), magnitude, dtype)
+    expected = onorms.rms_norm(x.double().numpy(), w.double().numpy(), eps)
+    module = norms.RMSNorm(n, eps, dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        y = module(x)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, expected, dtype, what=f"RMSNorm {dtype}")
+    assert_close(norms.rms_norm(x, w, eps), expected, dtype, what="rms_norm")
+
+
+@given(dtype=st.sampled_from(DTYPES), n=st.sampled_from([8, 96]), seed=st.integers(0, 2**31 - 1))
+def test_fused_residual_form(dtype, n, seed):
+    x, w = _inputs(seed, (3, 5, n), 1.0, dtype)
+    residual, _ = _inputs(seed + 1, (3, 5, n), 2.0, dtype)
+    module = norms.RMSNorm(n, 1e-5, dtype=dtype)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        y, h = module(x, residual)
+    assert torch.equal(h, x + residual)  # the residual stream itself, in the model dtype
+    expected = onorms.rms_norm(h.double().numpy(), w.double().numpy(), 1e-5)
+    assert_close(y, expected, dtype, what="RMSNorm(x, residual)")
+
+
+def test_bf16_in_bf16_out_with_one_outlier_channel():
+    # 4096 channels of 1.0 and one of 64 (an activation outlier): statistics in fp32, result in bf16.
+    x = torch.ones(1, 4097, dtype=torch.bfloat16)
+    x[0, 0] = 64.0
+    w = torch.ones(4097, dtype=torch.bfloat16)
+    y = norms.rms_norm(x, w, 1e-5)
+    assert y.dtype == torch.bfloat16
+    assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-5), torch.bfloat16, what="bf16")
+
+
+def test_latent_norms_use_1e6_and_layer_norms_the_config_eps():
+    assert K25.rms_norm_eps == 1e-5
+    mla = MLA(tiny_config(K25, vision=False))
+    assert mla.q_a_layernorm.eps == mla.kv_a_layernorm.eps == LATENT_NORM_EPS == 1e-6
+    # ... and it is not a no-op difference: at rms ~ 1e-3 the two eps give different numbers.
+    x, w = _inputs(0, (4, 32), 1e-3, torch.float32)
+    with torch.no_grad():
+        mla.kv_a_layernorm.weight.copy_(w)
+        y = mla.kv_a_layernorm(x)
+    assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6), torch.float32, what="1e-6")
+    with pytest.raises(AssertionError):
+        assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-5), torch.float32, what="1e-5")
+
+
+def test_triton_backend_calls_the_kernel_contract(monkeypatch):
+    calls = []
+
+    def rms_norm(x, weight, eps, residual=None):
+        calls.append((tuple(x.shape), eps, residual is not None))
+        if residual is None:
+            return norms.rms_norm(x, weight, eps)
+        h = x + residual
+        return norms.rms_norm(h, weight, eps), h
+
+    fake = types.SimpleNamespace(rms_norm=rms_norm)
+    monkeypatch.setitem(sys.modules, "kimi_ref.kernels", fake)
+    monkeypatch.setattr("kimi_ref.kernels", fake, raising=False)
+    module = norms.RMSNorm(16, 1e-6)
+    module.backend = "triton"
+    x = torch.randn(2, 16)
+    assert torch.equal(module(x), norms.rms_norm(x, module.weight, 1e-6))
+    module(x, x)
+    assert calls == [((2, 16), 1e-6, False), ((2, 16), 1e-6, True)]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match=r"weight has shape \(3,\), expected \(4,\)"):
+        norms.rms_norm(torch.ones(2, 4), torch.ones(3), 1e-6)
+    with pytest.raises(ValueError, match=r"RMSNorm\(8\): input has 4 channels"):
+        norms.RMSNorm(8, 1e-6)(torch.ones(2, 4))
+    with pytest.raises(ValueError, match="residual has shape"):
+        norms.RMSNorm(4, 1e-6)(torch.ones(2, 4), torch.ones(3, 4))
+    with pytest.raises(ValueError, match="must be positive"):
+        norms.RMSNorm(0, 1e-6)
+    with pytest.raises(ValueError, match="must be positive"):
+        norms.RMSNorm(4, 0.0)
+    module = norms.RMSNorm(4, 1e-6)
+    module.backend = "cuda"
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\), found 'cuda'"):
+        module(torch.ones(1, 4))
+
+
+def test_oracle_and_torch_are_not_trivially_equal():
+    # guard against a test that cannot fail: a wrong eps or a missing weight is caught
+    x, w = _inputs(3, (2, 16), 1e-3, torch.float32)
+    expected = onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6)
+    with pytest.raises(AssertionError):
+        assert_close(norms.rms_norm(x, torch.ones(16), 1e-6), expected, torch.float32)
+    assert np.isfinite(expected).all()
+
+
+def test_chapter_03_solution_rms_norm_by_hand():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "03_norms_rope.py"
+    spec = importlib.util.spec_from_file_location("solutions_03_norms_rope", path)
+    sol = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sol)  # type: ignore[union-attr]
+    for dtype in DTYPES:
+        x, w = _inputs(5, (3, 300), 2.0, dtype)
+        expected = onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6)
+        assert_close(sol.rms_norm_by_hand(x, w, 1e-6), expected, dtype, what="by hand")

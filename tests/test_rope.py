@@ -1,0 +1,170 @@
+"""Interleaved YaRN RoPE (kimi_ref/rope.py) == the float64 oracle (kimi_ref/oracle/rope.py), and the K2 numbers."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from tolerances import RTOL, assert_close, rel_error
+
+from kimi_ref import rope
+from kimi_ref.config import fixture_path, load_config, tiny_config
+from kimi_ref.oracle import rope as orope
+
+K25 = load_config(fixture_path("kimi_k25"))
+K2_THINKING = load_config(fixture_path("kimi_k2_thinking"))
+F64, F32, BF16 = torch.float64, torch.float32, torch.bfloat16
+
+
+@st.composite
+def rope_configs(draw):
+    """K2.5's YaRN with every knob generated (dims, betas, factor, both mscales, theta, original length)."""
+    return dataclasses.replace(
+        K25.rope, theta=draw(st.sampled_from([10000.0, 50000.0])), factor=draw(st.sampled_from([1.0, 4.0, 64.0])),
+        beta_fast=draw(st.sampled_from([32.0, 1.0, 8.0])), beta_slow=draw(st.sampled_from([1.0, 0.5])),
+        mscale=draw(st.sampled_from([1.0, 0.707, 0.0])), mscale_all_dim=draw(st.sampled_from([1.0, 0.0, 0.5])),
+        original_max_position_embeddings=draw(st.sampled_from([8, 16, 4096])),
+        type=draw(st.sampled_from(["yarn", "yarn", "default"])),
+    )
+
+
+@given(cfg=rope_configs(), dim=st.sampled_from([2, 4, 8, 16, 64, 128]))
+def test_inv_freq_and_factors_match_oracle(cfg, dim):
+    assert_close(rope.inv_freq(cfg, dim), orope.inv_freq(cfg, dim), F64, what="inv_freq")
+    assert rope.attention_factor(cfg) == pytest.approx(orope.attention_factor(cfg), rel=1e-15)
+    if cfg.type == "yarn":
+        assert rope.correction_range(cfg, dim) == orope.correction_range(cfg, dim)
+    config = K25.replace(rope=cfg)
+    assert rope.softmax_scale(config) == pytest.approx(orope.softmax_scale(config), rel=1e-15)
+
+
+@given(cfg=rope_configs(), dim=st.sampled_from([4, 8, 64]), shape=st.sampled_from([(1,), (7,), (2, 5)]),
+       max_pos=st.sampled_from([16, 4096, 262144, 1 << 20]), seed=st.integers(0, 2**31 - 1))
+def test_cos_sin_match_oracle(cfg, dim, shape, max_pos, seed):
+    positions = torch.randint(0, max_pos, shape, generator=torch.Generator().manual_seed(seed))
+    cos, sin = rope.cos_sin(positions, cfg, dim)
+    ocos, osin = orope.cos_sin(positions.numpy(), cfg, dim)
+    assert cos.dtype == sin.dtype == F32 and cos.shape == (*shape, dim // 2)
+    assert_close(cos, ocos, F32, what="cos")
+    assert_close(sin, osin, F32, what="sin")
+    table = rope.RotaryEmbedding(cfg, dim)
+    assert all(torch.equal(a, b) for a, b in zip(table(positions), (cos, sin)))
+
+
+@given(dtype=st.sampled_from([F32, BF16]), dim=st.sampled_from([2, 8, 64]), heads=st.integers(1, 5),
+       t=st.integers(1, 9), seed=st.integers(0, 2**31 - 1))
+def test_apply_rope_matches_oracle(dtype, dim, heads, t, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, t, heads, dim, generator=g).to(dtype)
+    positions = torch.randint(0, 300_000, (t,), generator=g)
+    cos, sin = rope.cos_sin(positions, K25.rope, dim)
+    y = rope.apply_rope(x, cos[:, None, :], sin[:, None, :])
+    assert y.dtype == dtype and y.shape == x.shape
+    ocos, osin = orope.cos_sin(positions.numpy(), K25.rope, dim)
+    expected = orope.apply_rope(x.double().numpy(), ocos[:, None, :], osin[:, None, :])
+    assert_close(y, expected, dtype, what=f"apply_rope {dtype}")
+
+
+def test_pairs_are_adjacent_not_halves():
+    # one pair (x0, y0) = (1, 0) turned by 90°: the rotation lands in position 1, not position dim/2
+    cfg = dataclasses.replace(K25.rope, type="default")
+    x = torch.zeros(4)
+    x[0] = 1.0
+    freqs = rope.inv_freq(cfg, 4)
+    position = torch.tensor(math.pi / 2 / freqs[0].item(), dtype=torch.float64)
+    cos, sin = rope.cos_sin(position, cfg, 4)
+    y = rope.apply_rope(x, cos, sin)
+    assert y[1].item() == pytest.approx(1.0, abs=1e-6) and abs(y[0].item()) < 1e-6 and abs(y[2].item()) < 1e-6
+
+
+def test_k25_numbers():
+    assert rope.softmax_scale(K25) == pytest.approx(0.1446796, abs=5e-8)
+    assert rope.yarn_get_mscale(64.0, 1.0) == pytest.approx(1.41589, abs=5e-6)
+    assert rope.attention_factor(K25.rope) == 1.0
+    assert rope.correction_range(K25.rope, K25.qk_rope_head_dim) == (8, 20)
+    f = rope.inv_freq(K25.rope, 64)
+    extra = 50000.0 ** (-torch.arange(0, 64, 2, dtype=torch.float64) / 64)
+    assert torch.equal(f[:8], extra[:8])  # fast pairs keep the original frequency
+    assert torch.allclose(f[20:], extra[20:] / 64.0, rtol=1e-15)  # slow pairs are interpolated by the factor
+
+
+def test_mscale_scales_cos_and_sin():
+    cfg = dataclasses.replace(K25.rope, mscale=0.707, mscale_all_dim=1.0)
+    factor = rope.yarn_get_mscale(64.0, 0.707) / rope.yarn_get_mscale(64.0, 1.0)
+    assert factor < 1 and rope.attention_factor(cfg) == pytest.approx(factor, rel=1e-15)
+    cos, sin = rope.cos_sin(torch.arange(5), cfg, 8)
+    assert torch.allclose(cos**2 + sin**2, torch.full_like(cos, factor**2), rtol=1e-6)
+    assert rope.yarn_get_mscale(1.0, 1.0) == 1.0  # no stretch, no correction
+
+
+def test_k2_thinking_beta_fast_is_read():
+    assert (K25.rope.beta_fast, K2_THINKING.rope.beta_fast) == (32.0, 1.0)
+    assert rope.correction_range(K2_THINKING.rope, 64) == (19, 20)
+    a, b = rope.inv_freq(K25.rope, 64), rope.inv_freq(K2_THINKING.rope, 64)
+    assert not torch.equal(a, b) and torch.equal(a[:8], b[:8])
+    # the tiny configs keep it too
+    assert tiny_config(K2_THINKING).rope.beta_fast == 1.0
+
+
+def test_angles_are_float64_at_262144():
+    positions = torch.arange(262_144 - 64, 262_144 + 1)
+    ocos, osin = orope.cos_sin(positions.numpy(), K25.rope, 64)
+    cos, sin = rope.cos_sin(positions, K25.rope, 64)
+    assert_close(cos, ocos, F32, what="cos at 262144")
+    assert_close(sin, osin, F32, what="sin at 262144")
+    # The rule matters: fp32 angles there are off by ~1e-2 rad, far outside the fp32 tolerance.
+    f32_angles = positions.float()[:, None] * rope.inv_freq(K25.rope, 64).float()
+    assert rel_error(f32_angles.cos(), ocos) > 100 * RTOL[F32]
+
+
+def test_errors():
+    with pytest.raises(ValueError, match="positive even number, found 7"):
+        rope.inv_freq(K25.rope, 7)
+    with pytest.raises(ValueError, match="do not give one angle per pair"):
+        rope.apply_rope(torch.zeros(2, 8), torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="do not give one angle per pair"):
+        rope.apply_rope(torch.zeros(2, 7), torch.zeros(2, 3), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"lacks \['beta_fast'\]"):
+        rope.inv_freq(dataclasses.replace(K25.rope, beta_fast=None), 8)
+    with pytest.raises(ValueError, match="expected 'yarn'"):
+        rope.correction_range(dataclasses.replace(K25.rope, type="default"), 8)
+
+
+# ---- chapter 03 solutions -----------------------------------------------------------------------------
+
+
+def _solutions():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "03_norms_rope.py"
+    spec = importlib.util.spec_from_file_location("solutions_03_norms_rope", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+@pytest.mark.parametrize("cfg", [K25.rope, K2_THINKING.rope], ids=["k25", "k2_thinking"])
+def test_chapter_03_solutions_yarn_ramp(cfg):
+    sol = _solutions()
+    low, high = rope.correction_range(cfg, 64)
+    turns = sol.turns_in_original_context(cfg, 64)
+    assert (turns[:low] >= cfg.beta_fast).all() and (turns[high:] <= cfg.beta_slow).all()
+    assert torch.allclose(sol.wavelengths(cfg, 64), 2 * math.pi / rope.inv_freq(cfg, 64))
+    assert sol.wavelengths(cfg, 64)[-1] > cfg.original_max_position_embeddings * cfg.factor / 2
+
+
+@given(seed=st.integers(0, 2**31 - 1), pos=st.integers(0, 300_000), dist=st.integers(0, 5000))
+def test_chapter_03_solutions_halves_keep_dot_products(seed, pos, dist):
+    sol = _solutions()
+    g = torch.Generator().manual_seed(seed)
+    q, k = torch.randn(64, generator=g), torch.randn(64, generator=g)
+    cq, sq = rope.cos_sin(torch.tensor(pos + dist), K25.rope, 64)
+    ck, sk = rope.cos_sin(torch.tensor(pos), K25.rope, 64)
+    rq, rk = rope.apply_rope(q, cq, sq), rope.apply_rope(k, ck, sk)
+    assert_close(sol.to_halves(rq) @ sol.to_halves(rk), (rq.double() @ rk.double()), F32, what="q.k halves")
+    assert not torch.equal(sol.to_halves(rq), rq)
