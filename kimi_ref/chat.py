@@ -1,0 +1,611 @@
+"""Talk to the model: ``python -m kimi_ref.chat``.
+
+    python -m kimi_ref.chat                                  # the embedded tiny checkpoint, CPU (answers are noise)
+    python -m kimi_ref.chat --ckpt DIR --tp 8                # the real checkpoint on 8 GPUs
+    python -m kimi_ref.chat --ckpt DIR --tp 2 --device cpu --prompt "..." --max-new-tokens N --seed S
+    python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: 1.0 and --top-p 0.95)
+    python -m kimi_ref.chat ... --tools demo | --tools FILE.json   --save FILE.json   --load FILE.json
+
+One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
+
+    messages + tools --chat_template.render_ids--> prompt ids   (reasoning of earlier turns kept:
+                                                                 preserve_thinking, forced for K2.7-Code)
+    --generate.generate--> new ids, streamed one by one into tool_parsing.StreamParser
+                           reasoning deltas print under [reasoning], content under [answer]
+    --> assistant message {content, reasoning_content, tool_calls} appended to the history
+    tool calls? run each (built-in calculator / current time, or ask the user), append the
+    {"role": "tool"} results and generate again, up to --max-tool-rounds times.
+
+REPL commands: ``/reset`` (forget the conversation), ``/exit`` (or Ctrl-D). Ctrl-C during a generation
+stops that generation (what was written so far is kept); Ctrl-C at the prompt only clears the line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import datetime
+import importlib
+import json
+import math
+import operator
+import os
+import select
+import signal
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+import torch
+
+from kimi_ref import parallel
+from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError,
+                               check_context, check_sampling, generate, make_generator, receive_ids, send_ids,
+                               stop_ids_for)
+from kimi_ref.parallel import TP, TPError
+
+__all__ = ["main", "default_checkpoint", "calculator", "current_time", "BUILTIN_TOOLS", "load_tools",
+           "save_conversation", "load_conversation", "ChatError"]
+
+VARIANTS_WITH_PRESERVE = ("k2.6", "k2.7-code")
+
+
+class ChatError(ValueError):
+    """A command-line choice or file the chat cannot use (named, with what was expected)."""
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint used when no --ckpt is given: the tiny random one, built once into the user cache.
+
+    (One function on purpose: a trained kimi-nano replaces it here, and nowhere else.)
+    """
+    from weights_tools.make_tiny import tiny_checkpoint
+
+    return tiny_checkpoint()
+
+
+# ---- built-in demo tools ------------------------------------------------------------------------------
+
+_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
+           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
+_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
+_MAX_EXPONENT = 10_000       # 2 ** 10_000 is fine; 9 ** 9 ** 9 would hang the chat
+_MAX_EXPRESSION = 1_000      # characters
+
+
+def calculator(expression: str) -> str:
+    """Evaluate arithmetic (+ - * / // % ** and parentheses on numbers) by walking its AST; never ``eval``."""
+    if not isinstance(expression, str):
+        raise ChatError(f"calculator: 'expression' must be a string, found {type(expression).__name__}")
+    if len(expression) > _MAX_EXPRESSION:
+        raise ChatError(f"calculator: the expression is {len(expression)} characters, at most {_MAX_EXPRESSION}")
+    try:
+        tree = ast.parse(expression.strip(), mode="eval")
+    except SyntaxError as e:
+        raise ChatError(f"calculator: {expression!r} is not arithmetic ({e.msg})") from None
+
+    def value(node: ast.AST) -> int | float:
+        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+            return node.value
+        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
+            return _UNARY[type(node.op)](value(node.operand))
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            left, right = value(node.left), value(node.right)
+            if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
+                raise ChatError(f"calculator: exponent {right} is too large (at most {_MAX_EXPONENT})")
+            try:
+                return _BINARY[type(node.op)](left, right)
+            except ZeroDivisionError:
+                raise ChatError("calculator: division by zero") from None
+            except OverflowError:
+                raise ChatError("calculator: the result is too large") from None
+        raise ChatError(f"calculator: only numbers, + - * / // % ** and parentheses are allowed; "
+                        f"found {type(node).__name__} in {expression!r}")
+
+    result = value(tree.body)
+    if isinstance(result, float) and (math.isnan(result) or math.isinf(result)):
+        raise ChatError(f"calculator: {expression!r} is not a finite number")
+    return str(result)
+
+
+def current_time(timezone: str | None = None) -> str:
+    """The current time as ISO 8601, in the IANA ``timezone`` if given (e.g. "Europe/Paris"), else local."""
+    if timezone:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            return datetime.datetime.now(ZoneInfo(timezone)).isoformat(timespec="seconds")
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ChatError(f"current_time: unknown timezone {timezone!r} (use an IANA name like 'Europe/Paris')") from None
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+BUILTIN_TOOLS: dict[str, tuple[Callable[..., str], dict]] = {
+    "calculator": (calculator, {"type": "function", "function": {
+        "name": "calculator", "description": "Evaluate an arithmetic expression exactly.",
+        "parameters": {"type": "object", "properties": {"expression": {
+            "type": "string", "description": "numbers with + - * / // % ** and parentheses, e.g. (17*23)+1"}},
+            "required": ["expression"]}}}),
+    "current_time": (current_time, {"type": "function", "function": {
+        "name": "current_time", "description": "The current date and time.",
+        "parameters": {"type": "object", "properties": {"timezone": {
+            "type": "string", "description": "IANA timezone, e.g. Europe/Paris; local time if omitted"}}}}}),
+}
+
+
+def load_tools(spec: str | None) -> list[dict]:
+    """``--tools``: "demo" (the built-ins) or a JSON file holding a list of OpenAI tool definitions."""
+    if spec is None:
+        return []
+    if spec == "demo":
+        return [definition for _, definition in BUILTIN_TOOLS.values()]
+    path = Path(spec)
+    try:
+        tools = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ChatError(f"--tools {spec}: cannot read the file ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ChatError(f"--tools {spec}: not valid JSON ({e})") from None
+    if isinstance(tools, dict) and "tools" in tools:
+        tools = tools["tools"]
+    if not isinstance(tools, list) or not tools:
+        raise ChatError(f"--tools {spec}: expected a non-empty JSON list of tool definitions, found {type(tools).__name__}")
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ChatError(f"--tools {spec}: tool {i} must look like "
+                            '{"type": "function", "function": {"name": ..., "parameters": {...}}}, found ' f"{tool!r}")
+    return tools
+
+
+def run_tool(call: dict, ask: Callable[[str], str]) -> str:
+    """The result text of one tool call: a built-in runs here, any other tool is answered by the user."""
+    name, raw = call["function"]["name"], call["function"]["arguments"]
+    if name not in BUILTIN_TOOLS:
+        return ask(f"tool {name}({raw}) — type its result: ")
+    try:
+        arguments = json.loads(raw) if raw.strip() else {}
+    except json.JSONDecodeError as e:
+        return f"error: the arguments are not valid JSON ({e.msg}): {raw!r}"
+    if not isinstance(arguments, dict):
+        return f"error: the arguments must be a JSON object, found {raw!r}"
+    fn = BUILTIN_TOOLS[name][0]
+    try:
+        return fn(**arguments)
+    except ChatError as e:
+        return f"error: {e}"
+    except TypeError as e:  # unexpected or missing argument names
+        return f"error: {name} was called with {sorted(arguments)}: {e}"
+
+
+# ---- saving (OpenAI chat format) ------------------------------------------------------------------------
+
+def save_conversation(path: str | Path, messages: list[dict], tools: list[dict] | None = None) -> None:
+    """Write ``{"messages": [...], "tools": [...]}``: OpenAI chat messages with reasoning_content and tool_calls."""
+    data: dict[str, Any] = {"messages": messages}
+    if tools:
+        data["tools"] = tools
+    tmp = Path(str(path) + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
+    """Read what :func:`save_conversation` wrote (or a bare list of messages): ``(messages, tools)``."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ChatError(f"{path}: cannot read the conversation ({e.strerror})") from None
+    except json.JSONDecodeError as e:
+        raise ChatError(f"{path}: not valid JSON ({e})") from None
+    messages, tools = (data, []) if isinstance(data, list) else (data.get("messages"), data.get("tools") or [])
+    if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+        raise ChatError(f"{path}: expected {{'messages': [{{'role': ..., ...}}, ...]}} (OpenAI chat format)")
+    return messages, tools
+
+
+# ---- the session on rank 0 ------------------------------------------------------------------------------
+
+_GENERATE, _EXIT = 1, 0
+
+
+@dataclass
+class Settings:
+    """Everything rank 0 needs to run a session (picklable: it travels to the spawned ranks)."""
+
+    ckpt: str
+    device: str
+    dtype: str | None
+    backend: str
+    variant: str
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int | None
+    prompt: str | None
+    system: str | None
+    tools: list[dict] = field(default_factory=list)
+    history: list[dict] = field(default_factory=list)
+    save: str | None = None
+    max_tool_rounds: int = 8
+    timings: bool = True
+
+
+class _Interrupt:
+    """Ctrl-C during a generation: a flag rank 0 reads after each token (never an exception mid-collective)."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "_Interrupt":
+        self.requested = False
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread (e.g. embedded): no Ctrl-C handling
+            self._previous = None
+        return self
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+
+
+class _Printer:
+    """Streams the parser's deltas: reasoning (dimmed on a terminal) under [reasoning], content under [answer]."""
+
+    _DIM, _BOLD, _RESET = "\x1b[2m", "\x1b[1m", "\x1b[0m"
+
+    def __init__(self, out: TextIO) -> None:
+        self.out = out
+        self.color = out.isatty() and os.environ.get("NO_COLOR") is None
+        self.section: str | None = None
+
+    def _enter(self, section: str) -> None:
+        if self.section == section:
+            return
+        self._leave()
+        label = {"reasoning": "[reasoning]", "content": "[answer]", "tool": "[tool call]"}[section]
+        if self.color:
+            self.out.write(f"{self._BOLD}{label}{self._RESET} " + (self._DIM if section == "reasoning" else ""))
+        else:
+            self.out.write(label + " ")
+        self.section = section
+
+    def _leave(self) -> None:
+        if self.section is None:
+            return
+        if self.section == "tool":
+            self.out.write(")")
+        self.out.write((self._RESET if self.color else "") + "\n")
+        self.section = None
+
+    def delta(self, d: dict) -> None:
+        kind = d["type"]
+        if kind in ("reasoning", "content"):
+            self._enter(kind)
+            self.out.write(d["text"])
+        elif kind == "tool_call":
+            if self.section == "tool":
+                self._leave()  # each call on its own line
+            self._enter("tool")
+            self.out.write(f"{d['name']}(")
+        elif kind == "arguments":
+            self.out.write(d["text"])
+        self.out.flush()
+
+    def end(self) -> None:
+        self._leave()
+        self.out.flush()
+
+    def note(self, text: str) -> None:
+        self.out.write((f"{self._DIM}{text}{self._RESET}" if self.color else text) + "\n")
+        self.out.flush()
+
+
+class Session:
+    """Rank 0's side of the conversation: renders, asks every rank to generate, parses, runs tools."""
+
+    def __init__(self, model: Any, tokenizer: Any, settings: Settings, tp: TP, device: str,
+                 out: TextIO | None = None, inp: TextIO | None = None) -> None:
+        self.model, self.tok, self.s, self.tp, self.device = model, tokenizer, settings, tp, device
+        self.out, self.inp = out or sys.stdout, inp or sys.stdin
+        self.printer = _Printer(self.out)
+        self.stop_ids = stop_ids_for(tokenizer, model.config)
+        self.end_think = tokenizer.special_tokens.get("</think>")
+        self.generator = make_generator(settings.seed)
+        self.messages: list[dict] = []
+        self.reset()
+        if settings.history:
+            self.messages = [dict(m) for m in settings.history]
+
+    def reset(self) -> None:
+        self.messages = [{"role": "system", "content": self.s.system}] if self.s.system else []
+
+    def prompt_ids(self) -> list[int]:
+        from kimi_ref.chat_template import render_ids
+
+        preserve = True if self.s.variant in VARIANTS_WITH_PRESERVE else None
+        return render_ids(self.messages, self.tok, tools=self.s.tools or None, variant=self.s.variant,
+                          thinking=True, preserve_thinking=preserve, add_generation_prompt=True)
+
+    def user_turn(self, text: str) -> bool:
+        """One user message and everything it triggers; False if it was refused (history unchanged)."""
+        before = len(self.messages)
+        self.messages.append({"role": "user", "content": text})
+        rounds = 0
+        while True:
+            try:
+                message, finish = self._assistant()
+            except ContextError as e:
+                del self.messages[before:]
+                self.printer.note(f"refused: {e}")
+                return False
+            self.messages.append(message)
+            self._save()
+            calls = message.get("tool_calls") or []
+            if finish == "interrupted" or not calls:
+                return True
+            if rounds >= self.s.max_tool_rounds:
+                self.printer.note(f"(not running these tool calls: --max-tool-rounds {self.s.max_tool_rounds} reached)")
+                return True
+            rounds += 1
+            for call in calls:
+                result = run_tool(call, self._ask)
+                self.printer.note(f"[tool result] {call['id']} -> {result}")
+                self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                      "content": result})
+            self._save()
+
+    def _assistant(self) -> tuple[dict, str]:
+        from kimi_ref.tool_parsing import StreamParser
+
+        ids = self.prompt_ids()
+        check_context(len(ids), self.model.config.max_position_embeddings)  # before any rank starts
+        _command(self.tp, self.device, _GENERATE, self.s.max_new_tokens)
+        send_ids(ids, self.tp, self.device)
+        parser = StreamParser(self.tok, starts_in_reasoning=True)
+        counts = {"reasoning": 0, "answer": 0}
+        phase = ["reasoning"]
+
+        def on_token(token: int) -> None:
+            if token in self.stop_ids:
+                return
+            counts[phase[0]] += 1
+            if token == self.end_think:
+                phase[0] = "answer"
+            for d in parser.feed([token]):
+                if d["type"] != "reasoning":
+                    phase[0] = "answer"
+                self.printer.delta(d)
+
+        with _Interrupt() as interrupt:
+            result = generate(self.model, ids, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+                              top_p=self.s.top_p, generator=self.generator, stop_ids=self.stop_ids,
+                              on_token=on_token, should_stop=lambda: interrupt.requested, tp=self.tp)
+        for d in parser.finish():
+            self.printer.delta(d)
+        self.printer.end()
+        parsed = parser.result()
+        message: dict[str, Any] = {"role": "assistant", "content": parsed["content"]}
+        if parsed["reasoning_content"]:
+            message["reasoning_content"] = parsed["reasoning_content"]
+        if parsed["tool_calls"]:
+            message["tool_calls"] = [{k: v for k, v in c.items() if k != "valid_json"} for c in parsed["tool_calls"]]
+        if result.finish_reason == "stop":  # a finished answer the parser found irregular: say so
+            for problem in parsed["problems"]:
+                self.printer.note(f"(output: {problem})")
+        if self.s.timings:
+            why = {"stop": "", "length": " · stopped at --max-new-tokens / the context",
+                   "interrupted": " · interrupted"}[result.finish_reason]
+            speed = result.decode_tokens_per_second
+            self.printer.note(f"── prompt {result.prompt_tokens} · reasoning {counts['reasoning']} · answer "
+                              f"{counts['answer']} tokens · {'n/a' if math.isnan(speed) else f'{speed:.1f}'} tok/s · "
+                              f"prefill {result.prefill_seconds:.2f} s{why}")
+        return message, result.finish_reason
+
+    def _ask(self, question: str) -> str:
+        line = self._read_line(question)
+        return "error: no result (the user's input ended)" if line is None else line
+
+    def _read_line(self, prompt: str) -> str | None:
+        """One line of input without its newline, or None at end of input.
+
+        On a terminal we wait in ``select`` with a short timeout instead of a blocking read: torch and
+        gloo start threads, and the kernel may hand Ctrl-C's SIGINT to any of them, which would not
+        interrupt a blocking read in this one. Python runs the handler (KeyboardInterrupt) at the next
+        timeout. In canonical mode one ``os.read`` returns at most one line, so nothing is buffered.
+        """
+        self.out.write(prompt)
+        self.out.flush()
+        if not self.inp.isatty():
+            line = self.inp.readline()
+            return None if not line else line.rstrip("\n")
+        fd = self.inp.fileno()
+        while not select.select([fd], [], [], 0.2)[0]:
+            pass
+        data = os.read(fd, 1 << 16)
+        return None if not data else data.decode("utf-8", errors="replace").rstrip("\n")
+
+    def _save(self) -> None:
+        if self.s.save:
+            save_conversation(self.s.save, self.messages, self.s.tools)
+
+    def repl(self) -> None:
+        interactive = self.inp.isatty()
+        if interactive:
+            self.printer.note("Type a message. /reset forgets the conversation, /exit (or Ctrl-D) quits; "
+                              "Ctrl-C stops a generation.")
+        while True:
+            try:
+                line = self._read_line("you> " if interactive else "")
+                if line is None:
+                    break
+            except KeyboardInterrupt:
+                self.out.write("\n")
+                continue
+            text = line.strip()
+            if not text:
+                continue
+            if text in ("/exit", "/quit"):
+                break
+            if text == "/reset":
+                self.reset()
+                self.printer.note("(conversation forgotten)")
+                continue
+            if text.startswith("/"):
+                self.printer.note(f"unknown command {text.split()[0]!r}: use /reset or /exit")
+                continue
+            if not interactive:
+                self.out.write(f"you> {text}\n")
+            self.user_turn(text)
+
+
+def _command(tp: TP, device: str, command: int, argument: int = 0) -> tuple[int, int]:
+    """Rank 0 tells every rank what comes next: (_GENERATE, max_new_tokens) or (_EXIT, 0)."""
+    message = torch.tensor([command, argument], dtype=torch.long, device=device)
+    parallel.broadcast(message, tp)
+    return int(message[0]), int(message[1])
+
+
+def _follow(model: Any, tp: TP, device: str) -> None:
+    """Ranks 1..N-1: generate whenever rank 0 says so, with the prompt it sends, until it says exit."""
+    while True:
+        command, max_new_tokens = _command(tp, device, -1)
+        if command == _EXIT:
+            return
+        ids = receive_ids(None, tp, device)
+        generate(model, ids, max_new_tokens=max_new_tokens, tp=tp)  # sampling settings: rank 0's alone
+
+
+def _rank_main(tp: TP, device: str, s: Settings) -> int:
+    """What every rank runs: load this rank's slices, then lead (rank 0) or follow."""
+    from kimi_ref.checkpoint import load_model
+    from kimi_ref.tokenizer import Tokenizer
+
+    model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, backend=s.backend,
+                       progress=tp.rank == 0 and sys.stderr.isatty())
+    if tp.rank != 0:
+        _follow(model, tp, device)
+        return 0
+    session = Session(model, Tokenizer.from_pretrained(s.ckpt), s, tp, device)
+    try:
+        if s.prompt is not None:
+            ok = session.user_turn(s.prompt)
+            return 0 if ok else 2
+        session.repl()
+        return 0
+    finally:
+        _command(tp, device, _EXIT)
+
+
+# ---- the command line -------------------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kimi_ref.chat", description="Chat with a Kimi K2.x checkpoint.")
+    p.add_argument("--ckpt", help="checkpoint directory (default: the embedded tiny random checkpoint)")
+    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; started here (or by torchrun)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="compute dtype of the dense weights (default: the config's)")
+    p.add_argument("--backend", default="torch", choices=["torch", "triton"], help="kernels (default torch)")
+    p.add_argument("--variant", default="k2.7-code", help="chat template variant (default k2.7-code)")
+    p.add_argument("--prompt", help="one message, answer, exit (no REPL)")
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default 1.0)")
+    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus mass (default 0.95)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per generation")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
+    p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions")
+    p.add_argument("--max-tool-rounds", type=int, default=8, help="tool round trips per user message")
+    p.add_argument("--save", help="write the conversation here (OpenAI format) after every turn")
+    p.add_argument("--load", help="continue a conversation written by --save")
+    p.add_argument("--no-timings", action="store_true", help="omit the per-turn token counts and speed")
+    return p
+
+
+def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
+    """Check everything that can be checked before any rank starts; refusals raise."""
+    from kimi_ref.chat_template import VARIANTS
+    from kimi_ref.checkpoint import Checkpoint
+    from kimi_ref.launch import check_device, torchrun_env
+
+    if args.tp < 1:
+        raise ChatError(f"--tp must be at least 1, found {args.tp}")
+    if args.max_new_tokens < 1:
+        raise ChatError(f"--max-new-tokens must be at least 1, found {args.max_new_tokens}")
+    if args.max_tool_rounds < 0:
+        raise ChatError(f"--max-tool-rounds must be at least 0, found {args.max_tool_rounds}")
+    if args.variant not in VARIANTS:
+        raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
+    try:
+        check_sampling(args.temperature, args.top_p)
+    except ValueError as e:
+        raise ChatError(f"--temperature / --top-p: {e}") from None
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    check_device(device, args.tp)
+    if args.ckpt is None:
+        ckpt = default_checkpoint()
+        if (torchrun_env() or (0,))[0] == 0:  # under torchrun, say it once
+            print(f"(no --ckpt: the embedded tiny checkpoint with random weights, {ckpt}; its answers are noise)",
+                  file=sys.stderr)
+    else:
+        ckpt = Path(args.ckpt)
+        if not ckpt.exists():
+            raise ChatError(f"--ckpt {ckpt}: no such directory")
+        if not (ckpt / "config.json").is_file():
+            raise ChatError(f"--ckpt {ckpt}: no config.json there (is it a checkpoint directory?)")
+        for name in ("tiktoken.model", "tokenizer_config.json"):
+            if not (ckpt / name).is_file():
+                raise ChatError(f"--ckpt {ckpt}: no {name} there (the tokenizer ships with the checkpoint)")
+    checkpoint = Checkpoint.open(ckpt)
+    checkpoint.raise_if_problems()
+    parallel.validate_tp(checkpoint.config, args.tp)
+    tools = load_tools(args.tools)
+    history: list[dict] = []
+    if args.load:
+        history, saved_tools = load_conversation(args.load)
+        tools = tools or saved_tools
+    if args.prompt is not None:
+        from kimi_ref.chat_template import render_ids
+        from kimi_ref.tokenizer import Tokenizer
+
+        messages = history + ([{"role": "system", "content": args.system}] if args.system and not history else [])
+        messages = messages + [{"role": "user", "content": args.prompt}]
+        preserve = True if args.variant in VARIANTS_WITH_PRESERVE else None
+        n = len(render_ids(messages, Tokenizer.from_pretrained(ckpt), tools=tools or None, variant=args.variant,
+                           preserve_thinking=preserve))
+        check_context(n, checkpoint.config.max_position_embeddings)
+    settings = Settings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=args.variant,
+                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                        seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, history=history,
+                        save=args.save, max_tool_rounds=args.max_tool_rounds, timings=not args.no_timings)
+    return settings, args.tp
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kimi_ref.checkpoint import CheckpointError
+    from kimi_ref.config import ConfigError
+    from kimi_ref.launch import LaunchError, launch
+
+    args = _parser().parse_args(argv)
+    try:
+        settings, world_size = _settings(args)
+    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError) as e:
+        print(f"kimi_ref.chat: error: {e}", file=sys.stderr)
+        return 2
+    # By module name, so spawned ranks find it even when this file runs as __main__.
+    rank_main = importlib.import_module("kimi_ref.chat")._rank_main
+    try:
+        return launch(rank_main, world_size, settings.device, settings)
+    except KeyboardInterrupt:
+        print("\n(interrupted)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""generate.py: top-p filtering, sampling, the prefill + decode loop, stop tokens, context refusals.
+
+The decode loop is proven against the plain definition (recompute the whole sequence every step, no
+cache), and sampling against its distribution. Everything runs in one process on the tiny model.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kimi_ref.config import fixture_path, load_config, tiny_config
+from kimi_ref.generate import (ContextError, check_context, generate, make_generator, sample_next, send_ids,
+                               stop_ids_for, top_p_filter)
+from kimi_ref.model import KimiForCausalLM
+from kimi_ref.tokenizer import Tokenizer
+from tolerances import assert_close
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _model(max_position_embeddings: int | None = None) -> KimiForCausalLM:
+    config = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=4096, vision=False,
+                         max_position_embeddings=max_position_embeddings)
+    torch.manual_seed(0)
+    model = KimiForCausalLM(config, dtype=torch.float32)
+    with torch.no_grad():  # default init leaves some tensors empty/zero: give every one a real value
+        for name, p in model.named_parameters():
+            if p.dim() == 1:
+                p.copy_(1 + 0.1 * torch.randn_like(p))
+            else:
+                p.copy_(torch.randn_like(p) / p.shape[-1] ** 0.5)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.05 * torch.randn_like(b))
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def model() -> KimiForCausalLM:
+    return _model()
+
+
+# ---- top-p and sampling ---------------------------------------------------------------------------------
+
+probs_strategy = st.lists(st.floats(0.0, 1.0, allow_nan=False), min_size=1, max_size=40).filter(lambda v: sum(v) > 1e-3)
+
+
+@given(probs_strategy, st.floats(0.01, 1.0))
+def test_top_p_keeps_the_smallest_nucleus(values, top_p):
+    p = torch.tensor(values, dtype=torch.float64)
+    p = p / p.sum()
+    kept = top_p_filter(p, top_p)
+    keep = kept > 0
+    assert torch.equal(kept[keep], p[keep]), "kept probabilities are unchanged (renormalized later)"
+    assert keep[p.argmax()], "the most likely token is always kept"
+    # Oracle: sort descending (stable), keep while the mass before a token is below top_p.
+    order = sorted(range(len(values)), key=lambda i: -float(p[i]))
+    before, expected = 0.0, set()
+    for i in order:
+        if before < top_p and p[i] > 0:
+            expected.add(i)
+        before += float(p[i])
+    assert set(torch.nonzero(keep).flatten().tolist()) == expected
+    if top_p < 1:
+        assert float(p[keep].sum()) >= top_p - 1e-12 or keep.sum() == (p > 0).sum()
+
+
+def test_top_p_edge_exactly_reached():
+    # The nucleus stops as soon as its mass reaches top_p: [0.5, 0.25, 0.25] at 0.5 keeps one token.
+    p = torch.tensor([0.25, 0.5, 0.25], dtype=torch.float64)
+    assert torch.equal(top_p_filter(p, 0.5), torch.tensor([0.0, 0.5, 0.0], dtype=torch.float64))
+    assert torch.equal(top_p_filter(p, 0.75) > 0, torch.tensor([True, True, False]))  # ties: lower id first
+    assert torch.equal(top_p_filter(p, 1.0), p)
+
+
+def test_greedy_is_argmax_and_needs_no_generator():
+    logits = torch.randn(5, 50)
+    assert torch.equal(sample_next(logits, temperature=0), logits.argmax(-1))
+
+
+def test_sampling_follows_the_filtered_distribution():
+    # 40 000 draws of a 6-token distribution after temperature and top-p: frequencies within 5 sigma.
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.0, -1.0, -3.0])
+    temperature, top_p = 0.7, 0.9
+    p = torch.softmax(logits.double() / temperature, -1)
+    nucleus = top_p_filter(p, top_p)
+    expected = (nucleus / nucleus.sum()).numpy()
+    n = 40_000
+    draws = sample_next(logits.expand(n, -1), temperature, top_p, make_generator(7)).numpy()
+    freq = np.bincount(draws, minlength=6) / n
+    sigma = np.sqrt(expected * (1 - expected) / n)
+    assert np.all(np.abs(freq - expected) <= 5 * sigma + 1e-12), (freq, expected)
+    assert freq[expected == 0].sum() == 0, "a token outside the nucleus was drawn"
+
+
+def test_seed_decides_the_draws():
+    logits = torch.randn(3, 100)
+    a = sample_next(logits, 1.0, 0.95, make_generator(1))
+    assert torch.equal(a, sample_next(logits, 1.0, 0.95, make_generator(1)))
+    draws = {tuple(sample_next(logits, 1.0, 1.0, make_generator(s)).tolist()) for s in range(20)}
+    assert len(draws) > 1
+
+
+@pytest.mark.parametrize("bad", [dict(temperature=-1.0), dict(temperature=float("nan")), dict(top_p=0.0),
+                                 dict(top_p=1.5)])
+def test_bad_sampling_settings_are_refused(bad):
+    with pytest.raises(ValueError, match="temperature|top_p"):
+        sample_next(torch.zeros(1, 4), **{"temperature": 1.0, "top_p": 0.9, **bad})
+
+
+# ---- the loop ------------------------------------------------------------------------------------------
+
+
+def test_cached_decode_equals_recomputing_everything(model):
+    prompt = [11, 500, 4000, 7, 3000]
+    steps: list[torch.Tensor] = []
+    original_forward = model.forward
+
+    def recording_forward(input_ids, cache=None, **kw):
+        out = original_forward(input_ids, cache, **kw)
+        steps.append(out[:, -1].detach().clone())
+        return out
+
+    model.forward = recording_forward
+    try:
+        result = generate(model, prompt, max_new_tokens=8, temperature=0)
+    finally:
+        del model.forward
+    assert result.finish_reason == "length" and len(result.tokens) == 8
+    sequence = prompt + result.tokens
+    with torch.inference_mode():
+        full = model(torch.tensor([sequence]))[0]
+    for k, logits in enumerate(steps):  # step k predicted token k from the prompt + k new tokens
+        assert_close(logits[0], full[len(prompt) - 1 + k], torch.float32, what=f"decode step {k} vs full forward")
+        assert result.tokens[k] == int(full[len(prompt) - 1 + k].argmax())
+
+
+def test_stop_token_ends_the_answer_and_is_kept(model):
+    prompt = [11, 500, 4000]
+    free = generate(model, prompt, max_new_tokens=6, temperature=0).tokens
+    stop = free[2]
+    first = free.index(stop)
+    seen: list[int] = []
+    result = generate(model, prompt, max_new_tokens=6, temperature=0, stop_ids=[stop], on_token=seen.append)
+    assert result.tokens == free[:first + 1] and result.finish_reason == "stop"
+    assert seen == result.tokens, "the streaming callback sees every token, in order"
+
+
+def test_interrupt_stops_after_the_current_token(model):
+    calls = []
+    result = generate(model, [1, 2, 3], max_new_tokens=50, temperature=0,
+                      should_stop=lambda: calls.append(1) or len(calls) >= 3)
+    assert result.finish_reason == "interrupted" and len(result.tokens) == 3
+
+
+def test_seeded_sampling_repeats(model):
+    a = generate(model, [1, 2, 3], max_new_tokens=10, seed=5).tokens
+    assert a == generate(model, [1, 2, 3], max_new_tokens=10, seed=5).tokens
+    assert a != generate(model, [1, 2, 3], max_new_tokens=10, seed=6).tokens
+
+
+def test_prompt_over_the_context_is_refused_before_running():
+    small = _model(max_position_embeddings=16)
+    calls = []
+    small.forward = lambda *a, **k: calls.append(1)  # must never run
+    with pytest.raises(ContextError, match="the prompt is 16 tokens, but the model's context .* is 16"):
+        generate(small, list(range(16)), max_new_tokens=4)
+    with pytest.raises(ContextError, match="empty"):
+        generate(small, [], max_new_tokens=4)
+    assert not calls
+
+
+def test_generation_stops_when_the_context_is_full():
+    small = _model(max_position_embeddings=16)
+    result = generate(small, list(range(1, 13)), max_new_tokens=100, temperature=0)
+    assert len(result.tokens) == 4 and result.finish_reason == "length"
+
+
+def test_check_context_and_bad_lengths(model):
+    check_context(10, 11)
+    with pytest.raises(ContextError, match="at most 10 prompt tokens"):
+        check_context(11, 11)
+    with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
+        generate(model, [1], max_new_tokens=0)
+
+
+def test_stop_ids_come_from_the_tokenizer_and_config(model):
+    tok = Tokenizer.demo()
+    ids = stop_ids_for(tok, model.config)
+    assert ids[0] == tok.special_id("<|im_end|>")
+    assert set(model.config.eos_token_ids) <= set(ids)
+    assert tok.decode([ids[0]]) == "<|im_end|>"
+
+
+def test_send_ids_single_rank_is_identity():
+    from kimi_ref.parallel import SINGLE
+
+    assert send_ids([3, 1, 4], SINGLE) == [3, 1, 4]
+
+
+def test_decode_speed_is_reported(model):
+    result = generate(model, [1, 2, 3], max_new_tokens=5, temperature=0)
+    assert len(result.step_seconds) == 4 and result.prefill_seconds > 0
+    assert math.isfinite(result.decode_tokens_per_second) and result.decode_tokens_per_second > 0
+
+
+# ---- chapter 09 exercises -----------------------------------------------------------------------------
+
+
+def _solutions():
+    path = REPO / "chapters" / "solutions" / "09_generate.py"
+    spec = importlib.util.spec_from_file_location("solutions_09_generate", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_solution_min_p_filter():
+    sol = _solutions()
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05], dtype=torch.float64)
+    assert torch.equal(sol.min_p_filter(p, 0.2) > 0, torch.tensor([True, True, True, False]))
+    assert torch.equal(sol.min_p_filter(p, 0.0), p)
+
+
+def test_solution_generate_without_cache_matches(model):
+    sol = _solutions()
+    prompt = [9, 8, 7, 6]
+    assert sol.generate_without_cache(model, prompt, 5) == generate(model, prompt, max_new_tokens=5,
+                                                                      temperature=0).tokens
+
+
+def test_solution_cache_bytes(model):
+    sol = _solutions()
+    cfg = load_config(fixture_path("kimi_k25"))
+    # 61 layers × (512 latent + 64 rope) values × 2 bytes (bf16) per token.
+    assert sol.cache_bytes(cfg, tokens=1, bytes_per_value=2) == 61 * 576 * 2
+    cache = model.new_cache(1, 10)
+    assert sol.cache_bytes(model.config, tokens=1, bytes_per_value=4) == cache.bytes_per_token()
