@@ -407,6 +407,10 @@ class MediaConfig:
         )
         if cfg.sample_fps <= 0:
             raise ConfigError(f"{source}: '{m._name('sample_fps')}' must be positive, found {cfg.sample_fps}")
+        fixed = m.get("fixed_output_tokens", int, None, nullable=True)
+        if fixed is not None:  # a processor mode that resizes to a token budget: not implemented, so refuse
+            raise ConfigError(f"{source}: '{m._name('fixed_output_tokens')}' is {fixed}; kimi_ref implements the "
+                              "NaViT resize (fixed_output_tokens null, as K2.5 ships it) only")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:

@@ -65,6 +65,8 @@ NUM_BITS = 4
 PACK_FACTOR = 32 // NUM_BITS  # 8 values per int32 word
 GROUP_SIZE = 32  # Kimi's group size; every function still takes it as an argument
 Q_MIN, Q_MAX = -(1 << (NUM_BITS - 1)), (1 << (NUM_BITS - 1)) - 1  # -8, 7
+# The word whose eight nibbles all hold 8, i.e. q = 0 (0x88888888 as a signed int32).
+ZERO_WORD = int.from_bytes(bytes([0x88] * 4), "little", signed=True)
 OFFSET = 1 << (NUM_BITS - 1)  # excess-8: the stored nibble is q + 8
 
 _SHIFTS = torch.arange(PACK_FACTOR, dtype=torch.int32) * NUM_BITS  # 0, 4, ..., 28
@@ -249,8 +251,9 @@ class W4A16Linear(nn.Module):
     [out, in/group_size], ``weight_shape`` int32 [2] = (out, in). ``bias`` [out] float32 if asked for
     (Kimi's quantized Linears have none).
 
-    ``backend``: ``"torch"`` (dequantize, then ``F.linear``; the reference). Other backends come from
-    :mod:`kimi_ref.kernels` and are switched on with ``KimiForCausalLM.set_backend``.
+    ``backend``: ``"torch"`` (dequantize, then ``F.linear``; the reference) or ``"triton"``
+    (:func:`kimi_ref.kernels.w4a16_matmul`, dequantizing inside the GEMM); switched with
+    ``KimiForCausalLM.set_backend``.
     """
 
     backend: str = "torch"
@@ -264,7 +267,9 @@ class W4A16Linear(nn.Module):
         _check_in_features(in_features, group_size, "W4A16Linear")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
         self.backend = "torch"
-        self.register_buffer("weight_packed", torch.zeros(out_features, in_features // PACK_FACTOR, dtype=torch.int32, device=device))
+        # Every nibble 8 (excess-8 for q = 0): a fresh module is an all-zero weight, not an all -8 one.
+        self.register_buffer("weight_packed", torch.full((out_features, in_features // PACK_FACTOR), ZERO_WORD,
+                                                         dtype=torch.int32, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, in_features // group_size, dtype=torch.bfloat16, device=device))
         self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int32, device=device))
         self.bias = nn.Parameter(torch.zeros(out_features, device=device)) if bias else None
@@ -295,11 +300,15 @@ class W4A16Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise Int4Error(f"W4A16Linear: input has {x.shape[-1]} features, expected {self.in_features}")
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.backend == "triton":
+            from kimi_ref import kernels  # dequantization inside the GEMM (kimi_ref/kernels/w4a16.py)
+
+            y = kernels.w4a16_matmul(x.reshape(-1, self.in_features), self.weight_packed, self.weight_scale)
+            y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+            return y if bias is None else y + bias
         if self.backend != "torch":
-            raise ValueError(
-                f"W4A16Linear: backend {self.backend!r} is not available here; 'torch' is the reference "
-                "(Triton kernels live in kimi_ref.kernels)"
-            )
+            raise ValueError(f"W4A16Linear: unknown backend {self.backend!r}; expected 'torch' or 'triton'")
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 

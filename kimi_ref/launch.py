@@ -35,42 +35,6 @@ class LaunchError(RuntimeError):
     """The ranks cannot be started: no such device, too few GPUs, a torchrun size that disagrees, a dead worker."""
 
 
-# ---- process-group set-up. PROPOSED FOR parallel.py (the one home of torch.distributed calls); used from
-# there as soon as parallel.py has them, from here until then. ---------------------------------------------
-
-def _proposed_init_process_group(rank: int, world_size: int, device: str = "cpu", init_method: str = "env://",
-                                 timeout_s: float = 1800.0) -> TP:
-    """Join the default process group as ``rank`` of ``world_size``; gloo on CPU, NCCL on CUDA."""
-    import datetime
-
-    import torch.distributed as dist
-
-    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
-                            timeout=datetime.timedelta(seconds=timeout_s))
-    return TP(rank=rank, world_size=world_size, group=None)
-
-
-def _proposed_destroy_process_group() -> None:
-    """Leave the default process group (if any), so a later launch in this process can make a new one."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _proposed_new_group(ranks: list[int]) -> Any:
-    """A process group of the given global ranks. Every rank of the default group must call it, members or not."""
-    import torch.distributed as dist
-
-    return dist.new_group(ranks=list(ranks))
-
-
-_init_process_group = getattr(parallel, "init_process_group", _proposed_init_process_group)
-_destroy_process_group = getattr(parallel, "destroy_process_group", _proposed_destroy_process_group)
-_new_group = getattr(parallel, "new_group", _proposed_new_group)
-
-
 def sub_tp(tp: TP, world_size: int) -> TP | None:
     """Ranks 0..world_size-1 of ``tp`` as a smaller tensor-parallel group (None on the ranks outside it).
 
@@ -83,7 +47,7 @@ def sub_tp(tp: TP, world_size: int) -> TP | None:
         raise TPError(f"a sub-group of {world_size} ranks does not fit in {tp.world_size}")
     if world_size == 1:
         return TP() if tp.rank == 0 else None
-    group = _new_group(list(range(world_size)))
+    group = parallel.new_group(list(range(world_size)))
     return TP(rank=tp.rank, world_size=world_size, group=group) if tp.rank < world_size else None
 
 
@@ -156,11 +120,11 @@ def _run_rank(rank: int, world_size: int, local_rank: int, device: str, init_met
         torch.cuda.set_device(device)
     else:
         torch.set_num_threads(_threads_per_rank(world_size))
-    tp = _init_process_group(rank, world_size, device=device, init_method=init_method, timeout_s=timeout_s)
+    tp = parallel.init_process_group(rank, world_size, device=device, init_method=init_method, timeout_s=timeout_s)
     try:
         return fn(tp, device, *args)
     finally:
-        _destroy_process_group()
+        parallel.destroy_process_group()
 
 
 def _worker(rank: int, world_size: int, device: str, init_method: str, timeout_s: float,

@@ -29,7 +29,8 @@ from typing import Any
 
 import torch
 
-__all__ = ["TP", "SINGLE", "TPError", "shard_dim", "all_reduce", "all_gather", "broadcast", "validate_tp"]
+__all__ = ["TP", "SINGLE", "TPError", "shard_dim", "all_reduce", "all_gather", "broadcast", "validate_tp",
+           "init_process_group", "destroy_process_group", "new_group"]
 
 
 class TPError(ValueError):
@@ -133,3 +134,34 @@ def broadcast(x: torch.Tensor, tp: TP, src: int = 0) -> torch.Tensor:
 
     dist.broadcast(x, src=src, group=tp.group)
     return x
+
+
+# ---- process groups (kimi_ref/launch.py starts the workers; the torch.distributed calls live here) ----------
+
+
+def init_process_group(rank: int, world_size: int, device: str = "cpu", init_method: str = "env://",
+                       timeout_s: float = 1800.0) -> TP:
+    """Join the default process group as ``rank`` of ``world_size``; gloo on CPU, NCCL on CUDA."""
+    import datetime
+
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.device(device).type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world_size,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return TP(rank=rank, world_size=world_size, group=None)
+
+
+def destroy_process_group() -> None:
+    """Leave the default process group (if any), so a later launch in this process can make a new one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def new_group(ranks: list[int]) -> Any:
+    """A process group of the given global ranks. Every rank of the default group must call it, members or not."""
+    import torch.distributed as dist
+
+    return dist.new_group(ranks=list(ranks))

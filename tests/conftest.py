@@ -23,6 +23,17 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("KIMI_REF_CI") else "dev"))
 
+# Triton kernels run in the interpreter when there is no GPU. The variable must be set before anything
+# imports triton (the interpreter cannot be switched on later in the same process), hence here.
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch as _torch
+
+        if not _torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        os.environ["TRITON_INTERPRET"] = "1"
+
 # Two cores and several test workers: keep each worker single-threaded unless told otherwise.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 try:

@@ -213,7 +213,7 @@ def test_default_checkpoint_one_shot():
 def test_tp_that_does_not_divide_is_refused(answer_ckpt):
     r = chat("--ckpt", str(answer_ckpt), "--tp", "3", "--prompt", "hi")
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert "--tp 3 does not divide the model: num_attention_heads = 4" in r.stderr, r.stderr
+    assert "--tp 3 does not divide the model: num_attention_heads = 8" in r.stderr, r.stderr
 
 
 @pytest.mark.parametrize("args, message", [

@@ -311,7 +311,8 @@ def test_error_missing_tensor(tiny_dirs, tmp_path):
     del index["weight_map"][Q_B]
     (path / INDEX_FILE).write_text(json.dumps(index))
     msg = _problems(path)
-    assert f"missing tensor '{Q_B}' (BF16 [96, 48]), required by {path / 'config.json'}" in msg
+    # 8 heads × (16 nope + 8 rope) rows, q_lora_rank 48 columns
+    assert f"missing tensor '{Q_B}' (BF16 [192, 48]), required by {path / 'config.json'}" in msg
     assert "config.json" in msg and "config.json" in msg  # what was expected, and who requires it
 
 
@@ -349,7 +350,7 @@ def test_error_wrong_shape_and_dtype(tiny_dirs, tmp_path):
     file = _shard_of(path, Q_B)
     _rewrite(path, file, edit)
     msg = _problems(path)
-    assert f"tensor '{Q_B}' in {path / file}: shape [95, 48], expected [96, 48]" in msg
+    assert f"tensor '{Q_B}' in {path / file}: shape [191, 48], expected [192, 48]" in msg
     assert f"tensor '{norm}' in {path / file}: dtype F32, expected BF16" in msg
 
 
@@ -452,7 +453,7 @@ def test_read_slice_reads_the_rows(tiny_dirs):
     full = ckpt.read(Q_B)
     assert torch.equal(ckpt.read(Q_B, 0, 16, 16), full[16:32])
     o = "language_model.model.layers.2.self_attn.o_proj.weight"
-    assert torch.equal(ckpt.read(o, 1, 32, 32), ckpt.read(o)[:, 32:])
+    assert torch.equal(ckpt.read(o, 1, 64, 64), ckpt.read(o)[:, 64:])  # 8 heads × v 16 = 128 columns
 
 
 # ---- loading into the torch model ------------------------------------------------------------------------
@@ -562,10 +563,10 @@ def test_tp2_ranks_read_only_their_slices(tiny_dirs, models, monkeypatch):
         read_names = [flat_name(n, cfg) for n, *_ in reads]
         assert sorted(read_names) == sorted(sd), "a rank read a tensor it does not hold"
         for name, dim, start, size in reads:
-            if name.endswith("q_b_proj.weight"):
-                assert (dim, start, size) == (0, rank * 48, 48)
-            if name.endswith("o_proj.weight"):
-                assert (dim, start, size) == (1, rank * 32, 32)
+            if name.endswith("q_b_proj.weight"):  # 4 of 8 heads × (16 nope + 8 rope) rows
+                assert (dim, start, size) == (0, rank * 96, 96)
+            if name.endswith("o_proj.weight"):  # 4 of 8 heads × 16 value columns
+                assert (dim, start, size) == (1, rank * 64, 64)
             if name.endswith("lm_head.weight"):
                 assert (dim, start, size) == (0, rank * 2048, 2048)
             if name.startswith("vision_tower.") or "kv_a_proj" in name:

@@ -190,3 +190,10 @@ def test_chapter_00_solutions():
     tiny = tiny_config(real)
     dense_equivalent = tiny.replace(num_experts_per_tok=tiny.n_routed_experts)
     assert sol.active_parameters(dense_equivalent) > sol.active_parameters(tiny)
+
+
+def test_media_config_refuses_fixed_output_tokens():
+    raw = json.loads(fixture_path("kimi_k25_preprocessor_config").read_text())
+    raw["media_proc_cfg"]["fixed_output_tokens"] = 256
+    with pytest.raises(ConfigError, match="fixed_output_tokens' is 256"):
+        MediaConfig.from_dict(raw, "preprocessor_config.json")

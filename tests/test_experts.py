@@ -8,6 +8,8 @@ import types
 import numpy as np
 import pytest
 import torch
+
+import kimi_ref
 from hypothesis import assume, given, strategies as st
 from tolerances import assert_close
 
@@ -198,6 +200,8 @@ def test_triton_backend_stacks_int4_experts(monkeypatch):
     fake = types.ModuleType("kimi_ref.kernels")
     fake.fused_moe = fused_moe
     monkeypatch.setitem(sys.modules, "kimi_ref.kernels", fake)
+    # `from kimi_ref import kernels` reads the package attribute once the real module has been imported
+    monkeypatch.setattr(kimi_ref, "kernels", fake, raising=False)
     monkeypatch.setattr(parallel, "all_reduce", lambda t, tp: t)
     cfg = moe_config(K25, experts=8, k=2)
     moe = MoE(cfg, 1, tp=TP(1, 2))  # experts 4..7

@@ -2,7 +2,7 @@
 
     python -m weights_tools.make_tiny OUT [--layout kimi_k25|flat] [--seed S] [--force]
 
-Everything a real K2.5 / K2.7-Code directory has, at toy size (d = 64, 3 layers, 8 experts top-2,
+Everything a real K2.5 / K2.7-Code directory has, at toy size (d = 64, 3 layers, 8 heads, 8 experts top-2,
 vocabulary 4096), so that loading, the oracle, the CLI and the chapters exercise the real code paths:
 
     config.json                     tiny_config(K2.5 fixture) — nested kimi_k25 (or flat kimi_k2, K2-Thinking
@@ -58,7 +58,8 @@ def tiny_checkpoint_config(layout: str = "kimi_k25") -> KimiConfig:
     """The tiny config: the real K2.5 (or flat K2-Thinking-style) config, shrunk in size only."""
     if layout not in LAYOUTS:
         raise MakeTinyError(f"--layout must be one of {sorted(LAYOUTS)}, found {layout!r}")
-    return tiny_config(load_config(fixture_path(LAYOUTS[layout])), vocab_size=TINY_VOCAB)
+    # 8 heads (tiny_config's default is 4) so that `--tp 8` divides heads, experts and vocabulary alike.
+    return tiny_config(load_config(fixture_path(LAYOUTS[layout])), vocab_size=TINY_VOCAB, num_attention_heads=8)
 
 
 def shard_plan(config: KimiConfig, names: list[str]) -> list[list[str]]:
