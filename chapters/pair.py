@@ -28,7 +28,8 @@ def notebook_text(source: Path) -> str:
     notebook = jupytext.read(source)
     notebook.metadata.setdefault("jupytext", {})["formats"] = FORMATS
     notebook.metadata["kernelspec"] = {"display_name": "Python 3", "language": "python", "name": "python3"}
-    for cell in notebook.cells:  # a pair never carries outputs: they rot and bloat diffs
+    for number, cell in enumerate(notebook.cells):  # a pair never carries outputs: they rot and bloat diffs
+        cell["id"] = f"cell-{number:02d}"  # nbformat draws random ids; fixed ones keep the file stable
         if cell.cell_type == "code":
             cell.outputs, cell.execution_count = [], None
     return jupytext.writes(notebook, fmt="ipynb")
