@@ -45,7 +45,7 @@ from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFA
                                stop_ids_for)
 from kimi_ref.parallel import TP, TPError
 
-__all__ = ["main", "default_checkpoint", "calculator", "current_time", "BUILTIN_TOOLS", "load_tools",
+__all__ = ["main", "default_checkpoint", "checkpoint_tools", "calculator", "current_time", "BUILTIN_TOOLS", "load_tools",
            "save_conversation", "load_conversation", "ChatError"]
 
 VARIANTS_WITH_PRESERVE = ("k2.6", "k2.7-code")
@@ -55,14 +55,26 @@ class ChatError(ValueError):
     """A command-line choice or file the chat cannot use (named, with what was expected)."""
 
 
+NANO_DIR = Path(__file__).resolve().parent / "data" / "nano"
+CHECKPOINT_TOOLS_FILE = "tools.json"  # the tools a checkpoint was trained with (kimi-nano ships one)
+
+
 def default_checkpoint() -> Path:
-    """The checkpoint used when no --ckpt is given: the tiny random one, built once into the user cache.
+    """The checkpoint used when no --ckpt is given: kimi-nano, shipped in the package.
 
-    (One function on purpose: a trained kimi-nano replaces it here, and nowhere else.)
+    kimi-nano is a miniature Kimi trained from scratch with ``python -m weights_tools.train_nano``
+    (same architecture and checkpoint format, INT4 experts, the real chat template and tool calls).
     """
-    from weights_tools.make_tiny import tiny_checkpoint
+    if not (NANO_DIR / "config.json").is_file():
+        raise ChatError(f"the embedded kimi-nano checkpoint is missing from {NANO_DIR} (a broken install?); "
+                        "rebuild it with `python -m weights_tools.train_nano kimi_ref/data/nano` or pass --ckpt")
+    return NANO_DIR
 
-    return tiny_checkpoint()
+
+def checkpoint_tools(ckpt: str | Path) -> list[dict]:
+    """The tool definitions a checkpoint directory declares in ``tools.json`` (none when it has no such file)."""
+    path = Path(ckpt) / CHECKPOINT_TOOLS_FILE
+    return load_tools(str(path)) if path.is_file() else []
 
 
 # ---- built-in demo tools ------------------------------------------------------------------------------
@@ -507,7 +519,7 @@ def _rank_main(tp: TP, device: str, s: Settings) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kimi_ref.chat", description="Chat with a Kimi K2.x checkpoint.")
-    p.add_argument("--ckpt", help="checkpoint directory (default: the embedded tiny random checkpoint)")
+    p.add_argument("--ckpt", help="checkpoint directory (default: kimi-nano, shipped in the package)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; started here (or by torchrun)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
@@ -520,7 +532,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus mass (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per generation")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
-    p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions")
+    p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions "
+                   "(default: the checkpoint's tools.json, if it has one)")
     p.add_argument("--max-tool-rounds", type=int, default=8, help="tool round trips per user message")
     p.add_argument("--save", help="write the conversation here (OpenAI format) after every turn")
     p.add_argument("--load", help="continue a conversation written by --save")
@@ -551,8 +564,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     if args.ckpt is None:
         ckpt = default_checkpoint()
         if (torchrun_env() or (0,))[0] == 0:  # under torchrun, say it once
-            print(f"(no --ckpt: the embedded tiny checkpoint with random weights, {ckpt}; its answers are noise)",
-                  file=sys.stderr)
+            print(f"(no --ckpt: kimi-nano, the miniature Kimi shipped in the package, {ckpt})", file=sys.stderr)
     else:
         ckpt = Path(args.ckpt)
         if not ckpt.exists():
@@ -565,7 +577,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
     parallel.validate_tp(checkpoint.config, args.tp)
-    tools = load_tools(args.tools)
+    # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).
+    tools = load_tools(args.tools) if args.tools else checkpoint_tools(ckpt)
     history: list[dict] = []
     if args.load:
         history, saved_tools = load_conversation(args.load)
