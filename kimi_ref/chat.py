@@ -5,6 +5,7 @@
     python -m kimi_ref.chat --ckpt DIR --tp 2 --device cpu --prompt "..." --max-new-tokens N --seed S
     python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: 1.0 and --top-p 0.95)
     python -m kimi_ref.chat ... --tools demo | --tools FILE.json   --save FILE.json   --load FILE.json
+    python -m kimi_ref.chat --ckpt DIR --image cat.png --prompt "What is in the picture?"   # K2.5+ checkpoints
 
 One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
 
@@ -15,6 +16,14 @@ One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
     --> assistant message {content, reasoning_content, tool_calls} appended to the history
     tool calls? run each (built-in calculator / current time, or ask the user), append the
     {"role": "tool"} results and generate again, up to --max-tool-rounds times.
+
+Images (``--image PATH``, repeatable) ride with the first user message (the ``--prompt`` one, or the
+first REPL line) as content parts ``{"type": "image_url", "image_url": {"url": PATH}}`` placed before its
+text; --save keeps them so, and --load reads such parts back (a path, a ``file://`` URL or a base64
+``data:`` URL). Each turn re-prefills the whole conversation, so the images of every user message go in
+again each time. Pixels never travel between ranks: every rank holds the same Settings and runs the
+same deterministic MoonViT preprocessing on the same files (an :class:`ImageTable`); rank 0 only sends,
+with each prompt, which table entries the conversation shows, in order.
 
 REPL commands: ``/reset`` (forget the conversation), ``/exit`` (or Ctrl-D). Ctrl-C during a generation
 stops that generation (what was written so far is kept); Ctrl-C at the prompt only clears the line.
@@ -40,13 +49,14 @@ from typing import Any, Callable, TextIO
 import torch
 
 from kimi_ref import parallel
-from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError,
-                               check_context, check_sampling, generate, make_generator, receive_ids, send_ids,
-                               stop_ids_for)
+from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError, Media,
+                               check_context, check_sampling, expanded_length, generate, make_generator, media_rows,
+                               receive_ids, send_ids, stop_ids_for)
 from kimi_ref.parallel import TP, TPError
 
 __all__ = ["main", "default_checkpoint", "checkpoint_tools", "calculator", "current_time", "BUILTIN_TOOLS", "load_tools",
-           "save_conversation", "load_conversation", "ChatError"]
+           "save_conversation", "load_conversation", "ChatError", "image_part", "image_source", "message_images",
+           "ImageTable"]
 
 VARIANTS_WITH_PRESERVE = ("k2.6", "k2.7-code")
 
@@ -217,6 +227,93 @@ def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
     return messages, tools
 
 
+# ---- images ---------------------------------------------------------------------------------------------
+
+def image_part(source: str) -> dict:
+    """The OpenAI content part for an image file (what --image adds and --save writes)."""
+    return {"type": "image_url", "image_url": {"url": source}}
+
+
+def image_source(part: dict) -> str:
+    """The url/path an image part names: ``image_url.url`` (or ``image_url`` as a string), or ``image``."""
+    value = part.get("image_url") if part.get("type") == "image_url" else part.get("image")
+    if isinstance(value, dict):
+        value = value.get("url")
+    if not isinstance(value, str) or not value:
+        raise ChatError(f"an image part must name its image as a string url or path, found {part!r}")
+    return value
+
+
+def message_images(messages: list[dict]) -> list[str]:
+    """The image sources of every message, in prompt order (the order of the ``<|media_pad|>`` tokens)."""
+    from kimi_ref.chat_template import IMAGE_PART_TYPES
+
+    return [image_source(part) for m in messages if isinstance(m.get("content"), list)
+            for part in m["content"] if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES]
+
+
+def _open_source(source: str) -> str | bytes:
+    """A path, a ``file://`` URL or a base64 ``data:`` URL -> what moonvit.load_image reads. No network."""
+    import base64
+    import binascii
+    from urllib.parse import unquote, urlparse
+
+    if source.startswith("data:"):
+        header, _, payload = source.partition(",")
+        if not header.endswith(";base64"):
+            raise ChatError(f"image {source[:40]}...: only base64 data: URLs are supported")
+        try:
+            return base64.b64decode(payload, validate=True)
+        except binascii.Error as e:
+            raise ChatError(f"image {source[:40]}...: the base64 payload is broken ({e})") from None
+    if source.startswith("file://"):
+        return unquote(urlparse(source).path)
+    if "://" in source:
+        raise ChatError(f"image {source}: the chat does not download images; save it and pass its path")
+    return source
+
+
+class ImageTable:
+    """Every image a session can show, preprocessed once, identically on every rank.
+
+    ``sources`` are the images of the loaded history and the --image files, in that order, duplicates
+    once. ``media(indices)`` concatenates the chosen entries into the ``(pixel_values, grid_thws)``
+    that :func:`generate.generate` takes; ``indices(sources)`` is rank 0's side of that choice.
+    """
+
+    def __init__(self, sources: list[str], ckpt: str | Path) -> None:
+        from kimi_ref import moonvit
+        from kimi_ref.config import ConfigError, load_media_config
+
+        self.sources = list(dict.fromkeys(sources))
+        self.entries: list[tuple[torch.Tensor, tuple[int, int, int]]] = []
+        if not self.sources:
+            return
+        try:
+            media_config = load_media_config(ckpt)
+        except ConfigError as e:
+            raise ChatError(f"images: {e}") from None
+        for source in self.sources:
+            try:
+                self.entries.append(moonvit.preprocess(moonvit.load_image(_open_source(source), "image"), media_config))
+            except (FileNotFoundError, ValueError, TypeError) as e:
+                raise ChatError(str(e)) from None
+
+    def indices(self, sources: list[str]) -> list[int]:
+        return [self.sources.index(s) for s in sources]
+
+    def media(self, indices: list[int]) -> Media | None:
+        if not indices:
+            return None
+        return (torch.cat([self.entries[i][0] for i in indices]), [self.entries[i][1] for i in indices])
+
+
+def _check_vision(config: Any, ckpt: str | Path, what: str) -> None:
+    if config.vision is None:
+        raise ChatError(f"{what}: the checkpoint {ckpt} has no vision tower (its config.json has no vision_config; "
+                        "a text-only layout such as K2-Instruct/K2-Thinking), so it cannot read images")
+
+
 # ---- the session on rank 0 ------------------------------------------------------------------------------
 
 _GENERATE, _EXIT = 1, 0
@@ -238,6 +335,7 @@ class Settings:
     prompt: str | None
     system: str | None
     tools: list[dict] = field(default_factory=list)
+    images: list[str] = field(default_factory=list)  # --image files (absolute), for the first user message
     history: list[dict] = field(default_factory=list)
     save: str | None = None
     max_tool_rounds: int = 8
@@ -323,13 +421,15 @@ class Session:
     """Rank 0's side of the conversation: renders, asks every rank to generate, parses, runs tools."""
 
     def __init__(self, model: Any, tokenizer: Any, settings: Settings, tp: TP, device: str,
-                 out: TextIO | None = None, inp: TextIO | None = None) -> None:
+                 out: TextIO | None = None, inp: TextIO | None = None, images: ImageTable | None = None) -> None:
         self.model, self.tok, self.s, self.tp, self.device = model, tokenizer, settings, tp, device
         self.out, self.inp = out or sys.stdout, inp or sys.stdin
         self.printer = _Printer(self.out)
         self.stop_ids = stop_ids_for(tokenizer, model.config)
         self.end_think = tokenizer.special_tokens.get("</think>")
         self.generator = make_generator(settings.seed)
+        self.images = images if images is not None else ImageTable(_session_images(settings), settings.ckpt)
+        self.pending_images = list(settings.images)  # attached to the next user message, once
         self.messages: list[dict] = []
         self.reset()
         if settings.history:
@@ -347,14 +447,25 @@ class Session:
 
     def user_turn(self, text: str) -> bool:
         """One user message and everything it triggers; False if it was refused (history unchanged)."""
-        before = len(self.messages)
-        self.messages.append({"role": "user", "content": text})
+        before, pending = len(self.messages), self.pending_images
+        if pending:
+            self.messages.append({"role": "user", "content": [image_part(s) for s in pending]
+                                  + [{"type": "text", "text": text}]})
+            self.pending_images = []
+            merge = self.model.config.vision.merge_kernel_size
+            for source in pending:
+                _, grid = self.images.entries[self.images.indices([source])[0]]
+                self.printer.note(f"[image] {source} · {grid[2]}×{grid[1]} patches -> "
+                                  f"{media_rows([grid], merge)[0]} tokens")
+        else:
+            self.messages.append({"role": "user", "content": text})
         rounds = 0
         while True:
             try:
                 message, finish = self._assistant()
             except ContextError as e:
                 del self.messages[before:]
+                self.pending_images = pending  # the turn never happened: its images wait for the next one
                 self.printer.note(f"refused: {e}")
                 return False
             self.messages.append(message)
@@ -377,9 +488,16 @@ class Session:
         from kimi_ref.tool_parsing import StreamParser
 
         ids = self.prompt_ids()
-        check_context(len(ids), self.model.config.max_position_embeddings)  # before any rank starts
+        chosen = self.images.indices(message_images(self.messages))
+        media = self.images.media(chosen)
+        try:
+            length = expanded_length(ids, media, self.model.config)
+        except ValueError as e:  # e.g. a typed "<|media_pad|>" that has no image: refuse the turn, not crash
+            raise ContextError(str(e)) from None
+        check_context(length, self.model.config.max_position_embeddings)  # before any rank starts
         _command(self.tp, self.device, _GENERATE, self.s.max_new_tokens)
         send_ids(ids, self.tp, self.device)
+        send_ids(chosen, self.tp, self.device)
         parser = StreamParser(self.tok, starts_in_reasoning=True)
         counts = {"reasoning": 0, "answer": 0}
         phase = ["reasoning"]
@@ -398,7 +516,7 @@ class Session:
         with _Interrupt() as interrupt:
             result = generate(self.model, ids, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
                               top_p=self.s.top_p, generator=self.generator, stop_ids=self.stop_ids,
-                              on_token=on_token, should_stop=lambda: interrupt.requested, tp=self.tp)
+                              on_token=on_token, should_stop=lambda: interrupt.requested, tp=self.tp, media=media)
         for d in parser.finish():
             self.printer.delta(d)
         self.printer.end()
@@ -484,14 +602,20 @@ def _command(tp: TP, device: str, command: int, argument: int = 0) -> tuple[int,
     return int(message[0]), int(message[1])
 
 
-def _follow(model: Any, tp: TP, device: str) -> None:
-    """Ranks 1..N-1: generate whenever rank 0 says so, with the prompt it sends, until it says exit."""
+def _follow(model: Any, tp: TP, device: str, images: ImageTable) -> None:
+    """Ranks 1..N-1: generate whenever rank 0 says so, with the prompt and images it names, until it says exit."""
     while True:
         command, max_new_tokens = _command(tp, device, -1)
         if command == _EXIT:
             return
         ids = receive_ids(None, tp, device)
-        generate(model, ids, max_new_tokens=max_new_tokens, tp=tp)  # sampling settings: rank 0's alone
+        media = images.media(receive_ids(None, tp, device))  # indices into this rank's own ImageTable
+        generate(model, ids, max_new_tokens=max_new_tokens, tp=tp, media=media)  # sampling settings: rank 0's alone
+
+
+def _session_images(s: Settings) -> list[str]:
+    """Every image a session may show: the loaded history's, then the --image files."""
+    return message_images(s.history) + list(s.images)
 
 
 def _rank_main(tp: TP, device: str, s: Settings) -> int:
@@ -501,10 +625,11 @@ def _rank_main(tp: TP, device: str, s: Settings) -> int:
 
     model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, backend=s.backend,
                        progress=tp.rank == 0 and sys.stderr.isatty())
+    images = ImageTable(_session_images(s), s.ckpt)  # the same files, the same pixels, on every rank
     if tp.rank != 0:
-        _follow(model, tp, device)
+        _follow(model, tp, device, images)
         return 0
-    session = Session(model, Tokenizer.from_pretrained(s.ckpt), s, tp, device)
+    session = Session(model, Tokenizer.from_pretrained(s.ckpt), s, tp, device, images=images)
     try:
         if s.prompt is not None:
             ok = session.user_turn(s.prompt)
@@ -528,6 +653,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default="k2.7-code", help="chat template variant (default k2.7-code)")
     p.add_argument("--prompt", help="one message, answer, exit (no REPL)")
     p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--image", action="append", default=[], metavar="PATH",
+                   help="attach an image to the first user message (repeatable; K2.5+ checkpoints with a vision tower)")
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus mass (default 0.95)")
     p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per generation")
@@ -583,19 +710,33 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     if args.load:
         history, saved_tools = load_conversation(args.load)
         tools = tools or saved_tools
+    images = [str(Path(p).expanduser().absolute()) for p in args.image]
+    if images:
+        _check_vision(checkpoint.config, ckpt, "--image")
+    if message_images(history):
+        _check_vision(checkpoint.config, ckpt, f"--load {args.load} (its messages hold images)")
+    table = ImageTable(message_images(history) + images, ckpt)  # refuses missing / unreadable files now
     if args.prompt is not None:
         from kimi_ref.chat_template import render_ids
         from kimi_ref.tokenizer import Tokenizer
 
         messages = history + ([{"role": "system", "content": args.system}] if args.system and not history else [])
-        messages = messages + [{"role": "user", "content": args.prompt}]
+        content: str | list[dict] = args.prompt
+        if images:
+            content = [image_part(s) for s in images] + [{"type": "text", "text": args.prompt}]
+        messages = messages + [{"role": "user", "content": content}]
         preserve = True if args.variant in VARIANTS_WITH_PRESERVE else None
-        n = len(render_ids(messages, Tokenizer.from_pretrained(ckpt), tools=tools or None, variant=args.variant,
-                           preserve_thinking=preserve))
+        ids = render_ids(messages, Tokenizer.from_pretrained(ckpt), tools=tools or None, variant=args.variant,
+                         preserve_thinking=preserve)
+        try:
+            n = expanded_length(ids, table.media(table.indices(message_images(messages))), checkpoint.config)
+        except ValueError as e:
+            raise ChatError(str(e)) from None
         check_context(n, checkpoint.config.max_position_embeddings)
     settings = Settings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=args.variant,
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
-                        seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, history=history,
+                        seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
+                        history=history,
                         save=args.save, max_tool_rounds=args.max_tool_rounds, timings=not args.no_timings)
     return settings, args.tp
 

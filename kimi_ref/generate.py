@@ -17,8 +17,15 @@ a seed gives the same tokens on any device and any TP size: all TP ranks hold th
 logits up to float rounding, and only a draw within ~1e-6 of a token boundary could tell them apart.
 Rank 0 still samples alone and broadcasts, so the ranks can never disagree.
 
-A prompt that does not fit in ``max_position_embeddings`` (it must leave room for one new token) is
-refused before anything runs; generation also stops when the context is full.
+Images (K2.5+): ``media=(pixel_values [N,3,14,14], grid_thws [(t,h,w), ...])`` goes to the prefill call
+only, where the model splices each image's MoonViT rows in place of its ``<|media_pad|>``:
+
+    expanded length  T' = T + Σ_i (rows_i - 1),   rows_i = (h_i/kh)(w_i/kw)    (kh, kw: the merge kernel)
+
+Decode steps are plain tokens at positions T', T'+1, ... (the cache already holds the image rows).
+
+A prompt whose expanded length does not fit in ``max_position_embeddings`` (it must leave room for one
+new token) is refused before anything runs; generation also stops when the context is full.
 """
 
 from __future__ import annotations
@@ -32,12 +39,16 @@ import torch
 from kimi_ref import parallel
 from kimi_ref.parallel import SINGLE, TP
 
-__all__ = ["ContextError", "Generation", "check_context", "top_p_filter", "sample_next", "make_generator",
-           "stop_ids_for", "generate", "send_ids", "receive_ids"]
+__all__ = ["ContextError", "Generation", "Media", "check_context", "media_rows", "expanded_length", "top_p_filter",
+           "sample_next", "make_generator", "stop_ids_for", "generate", "send_ids", "receive_ids"]
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 0.95
 DEFAULT_MAX_NEW_TOKENS = 512
+
+
+# (pixel_values [N, 3, p, p], grid_thws: one (t, h, w) in patches per image, in prompt order)
+Media = tuple[torch.Tensor, Sequence[Sequence[int]]]
 
 
 class ContextError(ValueError):
@@ -49,7 +60,7 @@ class Generation:
     """What one call to :func:`generate` produced (identical on every rank)."""
 
     tokens: list[int]                 # the new tokens, the stop token included when one was hit
-    prompt_tokens: int
+    prompt_tokens: int                # positions the prompt fills: its ids, each image's rows counted
     finish_reason: str                # "stop" (a stop id), "length" (max_new_tokens or context), "interrupted"
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0       # from the first decode step to the last token
@@ -71,6 +82,41 @@ def check_context(prompt_tokens: int, max_position_embeddings: int) -> None:
             f"the prompt is {prompt_tokens} tokens, but the model's context (max_position_embeddings) is "
             f"{max_position_embeddings}: at most {max_position_embeddings - 1} prompt tokens leave room to answer. "
             "Shorten the prompt or /reset the conversation.")
+
+
+def media_rows(grid_thws: Sequence[Sequence[int]], merge_kernel_size: Sequence[int]) -> list[int]:
+    """LLM rows per image: MoonViT averages the t frames and merges kh×kw patches into one row."""
+    kh, kw = merge_kernel_size
+    rows = []
+    for i, g in enumerate(grid_thws):
+        t, h, w = (int(v) for v in g)
+        if min(t, h, w) < 1 or h % kh or w % kw:
+            raise ValueError(f"grid_thws[{i}] = {tuple(g)}: expected positive (t, h, w) with h, w multiples of "
+                             f"the merge kernel {kh}×{kw}")
+        rows.append((h // kh) * (w // kw))
+    return rows
+
+
+def expanded_length(prompt_ids: Sequence[int], media: Media | None, config) -> int:
+    """Positions the prompt fills once every ``<|media_pad|>`` is replaced by its image's rows.
+
+    Checks what the prefill would otherwise fail on mid-way: a model without a vision tower, and a
+    number of placeholders that differs from the number of images.
+    """
+    if media is None:
+        return len(prompt_ids)
+    grids = list(media[1])
+    if config.vision is None:
+        raise ValueError(f"images were given, but the model has no vision tower ({config.source} has no vision_config)")
+    placeholder = config.media_placeholder_token_id
+    if placeholder is None:
+        raise ValueError(f"{config.source}: no media_placeholder_token_id, so images cannot be placed")
+    n_placeholders = sum(1 for i in prompt_ids if i == placeholder)
+    if n_placeholders != len(grids):
+        raise ValueError(f"the prompt has {n_placeholders} <|media_pad|> placeholders (id {placeholder}) but "
+                         f"{len(grids)} image(s) were given: one placeholder per image")
+    rows = media_rows(grids, config.vision.merge_kernel_size)
+    return len(prompt_ids) + sum(r - 1 for r in rows)
 
 
 def check_sampling(temperature: float, top_p: float) -> None:
@@ -159,7 +205,8 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
              temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
              seed: int | None = None, generator: torch.Generator | None = None,
              stop_ids: Iterable[int] = (), on_token: Callable[[int], None] | None = None,
-             should_stop: Callable[[], bool] | None = None, tp: TP | None = None) -> Generation:
+             should_stop: Callable[[], bool] | None = None, tp: TP | None = None,
+             media: Media | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (one sequence).
 
     Every TP rank calls this with the same prompt; rank 0 samples (from ``generator``, or one seeded
@@ -167,6 +214,8 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     ``on_token(id)`` runs on every rank that passes one, after each token (streaming).
     ``should_stop()`` is asked on rank 0 after each token (e.g. "Ctrl-C was pressed"); a True ends
     the generation on every rank with finish_reason "interrupted".
+    ``media=(pixel_values, grid_thws)``: the prompt's images, one per ``<|media_pad|>`` in order (see the
+    module doc); every rank passes the same. ``media=None`` or no images: a text-only prompt.
     """
     tp = getattr(model, "tp", SINGLE) if tp is None else tp
     check_sampling(temperature, top_p)
@@ -174,19 +223,26 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         raise ValueError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
     prompt = torch.as_tensor(prompt_ids, dtype=torch.long).flatten().tolist()
     config = model.config
-    check_context(len(prompt), config.max_position_embeddings)
+    if media is not None and len(media[1]) == 0:
+        media = None
+    length = expanded_length(prompt, media, config)
+    check_context(length, config.max_position_embeddings)
     device = next(model.parameters()).device
     stops = set(int(i) for i in stop_ids)
-    budget = min(max_new_tokens, config.max_position_embeddings - len(prompt))
-    # The cache needs room for every token the model reads: the prompt and all new tokens but the last.
-    cache = model.new_cache(1, len(prompt) + budget)
+    budget = min(max_new_tokens, config.max_position_embeddings - length)
+    # The cache needs room for every position the model reads: the prompt (images expanded) and all new
+    # tokens but the last.
+    cache = model.new_cache(1, length + budget)
+    images = {}  # the prefill's keyword arguments; decode steps never see the images again
+    if media is not None:
+        images = {"pixel_values": media[0].to(device), "grid_thws": [tuple(int(v) for v in g) for g in media[1]]}
     rng = generator if generator is not None else make_generator(seed)
 
     tokens: list[int] = []
     step_seconds: list[float] = []
     reason = "length"
     start = time.perf_counter()
-    logits = model(torch.tensor([prompt], device=device), cache)[:, -1]
+    logits = model(torch.tensor([prompt], device=device), cache, **images)[:, -1]
     prefill_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
     while True:
@@ -209,4 +265,4 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
         step = time.perf_counter()
         logits = model(torch.tensor([[token]], device=device), cache)[:, -1]
         step_seconds.append(time.perf_counter() - step)
-    return Generation(tokens, len(prompt), reason, prefill_seconds, time.perf_counter() - decode_start, step_seconds)
+    return Generation(tokens, length, reason, prefill_seconds, time.perf_counter() - decode_start, step_seconds)

@@ -31,8 +31,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 
-from kimi_ref.chat import (BUILTIN_TOOLS, ChatError, calculator, current_time, load_conversation, load_tools,
-                           main, run_tool, save_conversation)
+from kimi_ref.chat import (BUILTIN_TOOLS, ChatError, calculator, current_time, image_part, load_conversation,
+                           load_tools, main, run_tool, save_conversation)
 from kimi_ref.checkpoint import INDEX_FILE, flat_name
 from kimi_ref.config import load_config
 from kimi_ref.tokenizer import Tokenizer
@@ -260,6 +260,162 @@ def test_prompt_over_the_context_is_refused(tmp_path, capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "refused: the prompt is" in out and out.count("── prompt") == 1
     assert [m["content"] for m in load_conversation(save)[0] if m["role"] == "user"] == ["hi"]
+
+
+# ---- images ------------------------------------------------------------------------------------------------
+# The plain tiny kimi_k25 checkpoint (random weights, a tiny MoonViT): the scripted ones zero every norm,
+# so they would not look at an image. float32, so TP 1 and TP 2 agree to rounding far below any argmax gap.
+
+
+@pytest.fixture(scope="module")
+def vision_ckpt() -> Path:
+    from weights_tools.make_tiny import tiny_checkpoint
+
+    return tiny_checkpoint()
+
+
+def write_png(path: Path, height: int = 40, width: int = 60, seed: int = 0) -> Path:
+    """A random RGB PNG; 60×40 pixels pad to 84×56 = 6×4 patches = 3×2 merged rows = 6 LLM tokens."""
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def _image_prompt_length(ckpt: Path, messages: list[dict], rows: int) -> int:
+    """What the chat reports as "prompt N": the rendered ids with each image's placeholder expanded."""
+    from kimi_ref.chat_template import render_ids
+
+    return len(render_ids(messages, Tokenizer.from_pretrained(ckpt), preserve_thinking=True)) + rows - 1
+
+
+def test_image_one_shot_same_tokens_at_tp1_and_tp2(vision_ckpt, tmp_path):
+    image = write_png(tmp_path / "pic.png")
+    user = {"role": "user", "content": [image_part(str(image)), {"type": "text", "text": "What is this?"}]}
+    answers = {}
+    for tp in (1, 2):
+        save = tmp_path / f"tp{tp}.json"
+        r = chat("--ckpt", str(vision_ckpt), "--tp", str(tp), "--device", "cpu", "--dtype", "float32",
+                 "--image", str(image), "--prompt", "What is this?", "--temperature", "0", "--max-new-tokens", "4",
+                 "--save", str(save))
+        assert r.returncode == 0, r.stderr
+        assert f"[image] {image} · 6×4 patches -> 6 tokens" in r.stdout, r.stdout
+        assert f"── prompt {_image_prompt_length(vision_ckpt, [user], 6)} ·" in r.stdout, r.stdout
+        messages, _ = load_conversation(save)
+        assert messages[0] == user, "--save keeps the image part, its url the image's path"
+        assert messages[1]["role"] == "assistant" and len(messages) == 2
+        answers[tp] = messages[1]
+    assert answers[1] == answers[2]
+
+
+def test_image_rides_with_the_first_repl_line_and_every_later_prefill(vision_ckpt, tmp_path, capsys, monkeypatch):
+    image = write_png(tmp_path / "pic.png")
+    save = tmp_path / "conv.json"
+    monkeypatch.setattr(sys, "stdin", io.StringIO("first\nsecond\n"))
+    assert main(["--ckpt", str(vision_ckpt), "--dtype", "float32", "--image", str(image), "--temperature", "0",
+                 "--max-new-tokens", "2", "--save", str(save)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("[image]") == 1
+    messages, _ = load_conversation(save)
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert messages[0]["content"] == [image_part(str(image)), {"type": "text", "text": "first"}]
+    assert messages[2]["content"] == "second"
+    # Both prefills count the image's 6 rows: the second turn re-reads the whole conversation.
+    lengths = [_image_prompt_length(vision_ckpt, messages[:1], 6), _image_prompt_length(vision_ckpt, messages[:3], 6)]
+    assert [line.split(" · ")[0] for line in out.splitlines() if "── prompt" in line] == \
+        [f"── prompt {n}" for n in lengths]
+    # --load brings the image back (from its saved path) for the next prefill.
+    assert main(["--ckpt", str(vision_ckpt), "--dtype", "float32", "--load", str(save), "--prompt", "third",
+                 "--temperature", "0", "--max-new-tokens", "1"]) == 0
+    messages.append({"role": "user", "content": "third"})
+    assert f"── prompt {_image_prompt_length(vision_ckpt, messages, 6)} ·" in capsys.readouterr().out
+
+
+def test_image_sources_path_file_url_and_data_url_agree(vision_ckpt, tmp_path):
+    import base64
+
+    from kimi_ref.chat import ImageTable, message_images
+
+    image = write_png(tmp_path / "pic.png")
+    data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+    sources = [str(image), image.as_uri(), data_url]
+    table = ImageTable(sources + [str(image)], vision_ckpt)
+    assert table.sources == sources, "duplicates are preprocessed once"
+    (pv, grid), *others = table.entries
+    assert grid == (1, 4, 6)
+    for other_pv, other_grid in others:
+        assert other_grid == grid and torch.equal(other_pv, pv)
+    media = table.media(table.indices([data_url, str(image)]))
+    assert media[1] == [grid, grid] and torch.equal(media[0], torch.cat([pv, pv]))
+    assert table.media([]) is None
+    messages = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "x"}]},
+                {"role": "assistant", "content": "y"}, {"role": "user", "content": [image_part("b.png")]}]
+    assert message_images(messages) == ["a.png", "b.png"]
+    with pytest.raises(ChatError, match="only base64 data: URLs"):
+        ImageTable(["data:image/png,abc"], vision_ckpt)
+    with pytest.raises(ChatError, match="must name its image as a string"):
+        message_images([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
+
+
+def _no_preprocessor(ckpt: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "no_pre"
+    shutil.copytree(ckpt, out, ignore=shutil.ignore_patterns("preprocessor_config.json"))
+    return out
+
+
+def _flat(ckpt: Path, tmp_path: Path) -> Path:
+    from weights_tools.make_tiny import tiny_checkpoint
+
+    return tiny_checkpoint("flat")
+
+
+def _remote_image_history(tmp_path: Path) -> list[str]:
+    conv = tmp_path / "remote.json"
+    save_conversation(conv, [{"role": "user", "content": [image_part("https://example.com/cat.png")]},
+                             {"role": "assistant", "content": "a cat"}])
+    return ["--load", str(conv)]
+
+
+@pytest.mark.parametrize("case, message", [
+    ("flat", "has no vision tower (its config.json has no vision_config"),
+    ("missing", "image: no image file at "),
+    ("not_an_image", "is not an image Pillow can read"),
+    ("no_preprocessor", "preprocessor_config.json: not found; images need the checkpoint's preprocessor_config.json"),
+    ("remote", "the chat does not download images"),
+])
+def test_image_refusals(case, message, vision_ckpt, tmp_path, capsys):
+    ckpt, image = vision_ckpt, write_png(tmp_path / "pic.png")
+    extra: list[str] = []
+    if case == "flat":
+        ckpt = _flat(ckpt, tmp_path)
+    elif case == "missing":
+        image = tmp_path / "nope.png"
+    elif case == "not_an_image":
+        image = tmp_path / "notes.png"
+        image.write_text("not a picture")
+    elif case == "no_preprocessor":
+        ckpt = _no_preprocessor(ckpt, tmp_path)
+    elif case == "remote":
+        extra = _remote_image_history(tmp_path)
+    args = ["--ckpt", str(ckpt), "--image", str(image), *extra, "--prompt", "hi", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("kimi_ref.chat: error: ") and message in err and "Traceback" not in err, err
+
+
+def test_image_prompt_over_the_context_is_refused(tmp_path, capsys):
+    from test_parallel import write_tiny
+
+    ckpt = write_tiny(tmp_path / "short", max_position_embeddings=64)
+    small = write_png(tmp_path / "small.png", 28, 28)              # 1 row: the prompt fits
+    big = write_png(tmp_path / "big.png", 224, 224)                # 8×8 = 64 rows: it cannot
+    args = ["--ckpt", str(ckpt), "--prompt", "hi", "--max-new-tokens", "1", "--temperature", "0"]
+    assert main([*args, "--image", str(small)]) == 0
+    capsys.readouterr()
+    assert main([*args, "--image", str(big)]) == 2
+    err = capsys.readouterr().err
+    assert "but the model's context (max_position_embeddings) is 64" in err, err
 
 
 # ---- built-in tools ------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kimi_ref.config import fixture_path, load_config, tiny_config
-from kimi_ref.generate import (ContextError, check_context, generate, make_generator, sample_next, send_ids,
-                               stop_ids_for, top_p_filter)
+from kimi_ref import moonvit
+from kimi_ref.generate import (ContextError, check_context, expanded_length, generate, make_generator, media_rows,
+                               sample_next, send_ids, stop_ids_for, top_p_filter)
 from kimi_ref.model import KimiForCausalLM
 from kimi_ref.tokenizer import Tokenizer
 from tolerances import assert_close
@@ -26,8 +27,8 @@ from tolerances import assert_close
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _model(max_position_embeddings: int | None = None) -> KimiForCausalLM:
-    config = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=4096, vision=False,
+def _model(max_position_embeddings: int | None = None, vision: bool = False) -> KimiForCausalLM:
+    config = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=4096, vision=vision,
                          max_position_embeddings=max_position_embeddings)
     torch.manual_seed(0)
     model = KimiForCausalLM(config, dtype=torch.float32)
@@ -191,6 +192,90 @@ def test_check_context_and_bad_lengths(model):
         check_context(11, 11)
     with pytest.raises(ValueError, match="max_new_tokens must be at least 1"):
         generate(model, [1], max_new_tokens=0)
+
+
+# ---- images (media=) ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def vision_model() -> KimiForCausalLM:
+    return _model(vision=True)
+
+
+def _images(*sizes: tuple[int, int], seed: int = 0):
+    """Random RGB images of the given (height, width), preprocessed: (pixel_values, grid_thws)."""
+    rng = np.random.default_rng(seed)
+    pre = [moonvit.preprocess(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), moonvit.default_media_config())
+           for h, w in sizes]
+    return torch.cat([pv for pv, _ in pre]), [grid for _, grid in pre]
+
+
+def test_generate_with_images_equals_manual_prefill_then_greedy(vision_model):
+    model = vision_model
+    pad = model.config.media_placeholder_token_id
+    pixel_values, grids = _images((30, 50), (60, 20))          # 28-padded: 2x2 and 1x3 merged rows
+    rows = media_rows(grids, model.config.vision.merge_kernel_size)
+    assert rows == [(g[1] // 2) * (g[2] // 2) for g in grids] == [4, 3]
+    prompt = [11, pad, 500, 7, pad, 3000]
+    expanded = len(prompt) + sum(r - 1 for r in rows)
+    assert expanded_length(prompt, (pixel_values, grids), model.config) == expanded
+
+    calls: list[tuple[set, torch.Tensor]] = []
+    original_forward = model.forward
+
+    def recording_forward(input_ids, cache=None, **kw):
+        out = original_forward(input_ids, cache, **kw)
+        calls.append(({k for k, v in kw.items() if v is not None}, out[:, -1].detach().clone()))
+        return out
+
+    model.forward = recording_forward
+    try:
+        result = generate(model, prompt, max_new_tokens=5, temperature=0, media=(pixel_values, grids))
+    finally:
+        del model.forward
+    assert result.prompt_tokens == expanded and len(result.tokens) == 5
+    assert calls[0][0] == {"pixel_values", "grid_thws"}, "the prefill gets the images"
+    assert all(not kw for kw, _ in calls[1:]), "decode steps never see the images again"
+
+    # The same by hand: prefill with the images through the model, then greedy steps on the cache.
+    cache = model.new_cache(1, expanded + 5)
+    manual: list[int] = []
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt]), cache, pixel_values=pixel_values, grid_thws=grids)[:, -1]
+        assert cache.length == expanded
+        for k in range(5):
+            assert_close(calls[k][1][0], logits[0], torch.float32, what=f"step {k} with images vs manual")
+            manual.append(int(logits[0].argmax()))
+            logits = model(torch.tensor([[manual[-1]]]), cache)[:, -1]
+    assert result.tokens == manual
+    # The images are really read: other pixels move the prefill logits.
+    with torch.inference_mode():
+        moved = model(torch.tensor([prompt]), pixel_values=_images((30, 50), (60, 20), seed=1)[0], grid_thws=grids)
+    assert not torch.allclose(moved[0, -1], calls[0][1][0])
+
+
+def test_image_prompt_over_the_context_is_refused_before_running():
+    small = _model(max_position_embeddings=16, vision=True)
+    pad = small.config.media_placeholder_token_id
+    media = _images((56, 56), (28, 28))                        # 4 rows + 1 row
+    calls = []
+    small.forward = lambda *a, **k: calls.append(1)  # must never run
+    # 12 ids but 12 + 3 + 0 = 15 positions: fits (one left to answer); one more id does not.
+    check_context(expanded_length([1] * 10 + [pad, pad], media, small.config), 16)
+    with pytest.raises(ContextError, match="the prompt is 16 tokens, but the model's context .* is 16"):
+        generate(small, [1] * 11 + [pad, pad], max_new_tokens=4, media=media)
+    with pytest.raises(ValueError, match="2 <\\|media_pad\\|> placeholders .* but 1 image\\(s\\)"):
+        generate(small, [1, pad, pad], max_new_tokens=4, media=_images((28, 28)))
+    assert not calls
+    del small.forward  # the class's forward again
+    # The budget counts expanded positions too: 15 of 16 filled leaves one token.
+    result = generate(small, [1] * 10 + [pad, pad], max_new_tokens=100, temperature=0, media=media)
+    assert len(result.tokens) == 1 and result.finish_reason == "length" and result.prompt_tokens == 15
+
+
+def test_images_need_a_vision_tower(model):
+    with pytest.raises(ValueError, match="no vision tower"):
+        generate(model, [1, 2, 3], max_new_tokens=2, media=_images((28, 28)))
 
 
 def test_stop_ids_come_from_the_tokenizer_and_config(model):
