@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from kimi_ref.chat_template import (
     VARIANTS, ChatTemplateError, deep_sort, encode_tools_ts, render, render_ids, render_segments,
 )
+from chapter_solutions import load_solutions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "tools_ts"
 TEMPLATE_DIRS = {"k2.5": "Kimi-K2.5", "k2-thinking": "Kimi-K2-Thinking", "k2-instruct": "Kimi-K2-Instruct"}
@@ -411,13 +412,7 @@ def test_arguments_that_are_not_json():
 # ---------------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def solutions():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "02_chat_template.py"
-    spec = importlib.util.spec_from_file_location("solutions_02_chat_template", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("02_chat_template")
 
 
 @settings(max_examples=30)

@@ -36,6 +36,7 @@ from kimi_ref.oracle import forward as oracle_forward
 from kimi_ref.oracle import int4 as oracle_int4
 from kimi_ref.parallel import TP, TPError
 from weights_tools import make_tiny as mt
+from chapter_solutions import load_solutions
 
 DATA = Path(checkpoint.__file__).parent / "data"
 
@@ -639,13 +640,7 @@ def test_mtp_layers_are_skipped_only_when_the_config_has_them(tiny_dirs, tmp_pat
 
 
 def _solutions():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("solutions_08_model", Path(__file__).resolve().parents[1]
-                                                  / "chapters" / "solutions" / "08_model.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("08_model")
 
 
 def test_chapter_08_solutions(k25_config, tiny_dirs):

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import pytest
 
 from kimi_ref.config import ConfigError, KimiConfig, MediaConfig, fixture_path, load_config, tiny_config
+from chapter_solutions import load_solutions
 
 
 @pytest.fixture
@@ -168,13 +168,7 @@ def test_media_config(tmp_path):
 
 
 def _overview_solutions():
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "00_overview.py"
-    spec = importlib.util.spec_from_file_location("solutions_00_overview", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("00_overview")
 
 
 def test_chapter_00_solutions():

@@ -20,6 +20,7 @@ from kimi_ref.int4 import W4A16Linear
 from kimi_ref.oracle import experts as oracle
 from kimi_ref.oracle import router as oracle_router
 from kimi_ref.parallel import TP
+from chapter_solutions import load_solutions
 
 K25 = load_config(fixture_path("kimi_k25"))  # INT4 routed experts
 THINKING = load_config(fixture_path("kimi_k2_thinking"))
@@ -243,14 +244,7 @@ def test_unknown_backend_and_bad_width_are_errors():
 
 
 def _solutions():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "06_experts.py"
-    spec = importlib.util.spec_from_file_location("solutions_06_experts", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("06_experts")
 
 
 SOLUTIONS = _solutions()

@@ -6,7 +6,6 @@ cache), and sampling against its distribution. Everything runs in one process on
 
 from __future__ import annotations
 
-import importlib.util
 import math
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from kimi_ref.generate import (ContextError, check_context, expanded_length, gen
 from kimi_ref.model import KimiForCausalLM
 from kimi_ref.tokenizer import Tokenizer
 from tolerances import assert_close
+from chapter_solutions import load_solutions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -302,11 +302,7 @@ def test_decode_speed_is_reported(model):
 
 
 def _solutions():
-    path = REPO / "chapters" / "solutions" / "09_generate.py"
-    spec = importlib.util.spec_from_file_location("solutions_09_generate", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("09_generate")
 
 
 def test_solution_min_p_filter():

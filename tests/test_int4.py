@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,7 @@ from tolerances import assert_close
 
 from kimi_ref import int4
 from kimi_ref.oracle import int4 as oracle_int4
+from chapter_solutions import load_solutions
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -91,7 +91,6 @@ def ct_reference(w: torch.Tensor, group_size: int = 32) -> tuple[torch.Tensor, t
 
 def weights(shape, dtype):
     """Generated weights: varied magnitudes per row, all-zero groups, exact zeros, exact ties."""
-
     def build(values, row_scale, zero_rows):
         w = torch.from_numpy(values).to(torch.float32) * torch.tensor(row_scale, dtype=torch.float32)[:, None]
         for r in zero_rows:
@@ -234,11 +233,7 @@ def test_packed_bytes_per_kimi_expert():
 
 
 def _solutions():
-    path = REPO / "chapters" / "solutions" / "07_int4.py"
-    spec = importlib.util.spec_from_file_location("solutions_07_int4", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_solutions("07_int4")
 
 
 def test_chapter_07_solutions():

@@ -28,6 +28,7 @@ from hypothesis import example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tolerances import assert_close  # noqa: E402
+from chapter_solutions import load_solutions
 
 REPO = Path(__file__).resolve().parents[1]
 # NaN inputs are on purpose: numpy (the interpreter, the oracle) warns about them.
@@ -470,10 +471,7 @@ def test_bench_kernels_smoke(tmp_path):
 
 
 def _solutions():
-    spec = importlib.util.spec_from_file_location("solutions_12_kernels", REPO / "chapters" / "solutions" / "12_kernels.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("12_kernels")
 
 
 def test_chapter_12_solutions():

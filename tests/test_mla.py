@@ -19,6 +19,7 @@ from kimi_ref.mla import MLA, KVCache
 from kimi_ref.oracle import mla as omla
 from kimi_ref.oracle import rope as orope
 from kimi_ref.parallel import TP
+from chapter_solutions import load_solutions
 
 K25 = load_config(fixture_path("kimi_k25"))
 F32, BF16 = torch.float32, torch.bfloat16
@@ -222,7 +223,6 @@ def test_max_logit_is_the_oracles_largest_scaled_logit(config, mode, t, seed):
 
 def _fake_kernels(calls: list):
     """The kernel contract written in torch, recording each call's shapes."""
-
     def rms_norm(x, weight, eps, residual=None):
         calls.append("rms_norm")
         from kimi_ref.norms import rms_norm as ref
@@ -318,14 +318,7 @@ def test_errors():
 
 
 def _solutions():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "04_mla.py"
-    spec = importlib.util.spec_from_file_location("solutions_04_mla", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_solutions("04_mla")
 
 
 def test_chapter_04_solutions_cache_bytes():

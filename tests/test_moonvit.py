@@ -8,9 +8,7 @@ config and under a shrunken one whose limits small pictures can cross.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,6 +20,7 @@ from tolerances import assert_close
 from kimi_ref import moonvit
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.oracle import moonvit as oracle
+from chapter_solutions import load_solutions
 
 REAL = load_config(fixture_path("kimi_k25"))
 VOCAB = 4096  # the demo tokenizer's size: its <|media_pad|> id is then the tiny config's placeholder id
@@ -640,11 +639,7 @@ def test_tiny_multimodal_model_runs_an_image_prompt_end_to_end():
 
 
 def _solutions():
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "11_moonvit.py"
-    spec = importlib.util.spec_from_file_location("solutions_11_moonvit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("11_moonvit")
 
 
 @given(width=st.integers(1, 20000), height=st.integers(1, 20000))

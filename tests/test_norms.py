@@ -16,6 +16,7 @@ from kimi_ref import norms
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.mla import LATENT_NORM_EPS, MLA
 from kimi_ref.oracle import norms as onorms
+from chapter_solutions import load_solutions
 
 K25 = load_config(fixture_path("kimi_k25"))
 DTYPES = [torch.float32, torch.bfloat16]
@@ -128,13 +129,7 @@ def test_oracle_and_torch_are_not_trivially_equal():
 
 
 def test_chapter_03_solution_rms_norm_by_hand():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "03_norms_rope.py"
-    spec = importlib.util.spec_from_file_location("solutions_03_norms_rope", path)
-    sol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sol)  # type: ignore[union-attr]
+    sol = load_solutions("03_norms_rope")
     for dtype in DTYPES:
         x, w = _inputs(5, (3, 300), 2.0, dtype)
         expected = onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6)

@@ -22,6 +22,7 @@ from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.launch import LaunchError, check_device, launch, rank_device, sub_tp, torchrun_env
 from kimi_ref.parallel import TPError
 from tolerances import assert_close
+from chapter_solutions import load_solutions
 
 PROMPT = [5, 17, 300, 42, 1000, 7, 2048, 99, 3]
 
@@ -167,14 +168,7 @@ def test_shard_dims_follow_the_layout():
 
 
 def test_solutions_chapter_10(ckpt8):
-    import importlib.util
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "10_parallel.py"
-    if not path.is_file():
-        pytest.fail(f"{path} is missing")
-    spec = importlib.util.spec_from_file_location("solutions_10_parallel", path)
-    sol = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sol)
+    sol = load_solutions("10_parallel")
     config = load_config(fixture_path("kimi_k25"))
     # Exercise 1: valid TP sizes for the real model are the divisors of every split width.
     assert sol.valid_tp_sizes(config, 16) == [1, 2, 4, 8, 16]

@@ -14,6 +14,7 @@ from tolerances import RTOL, assert_close, rel_error
 from kimi_ref import rope
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.oracle import rope as orope
+from chapter_solutions import load_solutions
 
 K25 = load_config(fixture_path("kimi_k25"))
 K2_THINKING = load_config(fixture_path("kimi_k2_thinking"))
@@ -138,14 +139,7 @@ def test_errors():
 
 
 def _solutions():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "03_norms_rope.py"
-    spec = importlib.util.spec_from_file_location("solutions_03_norms_rope", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # type: ignore[union-attr]
-    return module
+    return load_solutions("03_norms_rope")
 
 
 @pytest.mark.parametrize("cfg", [K25.rope, K2_THINKING.rope], ids=["k25", "k2_thinking"])

@@ -11,6 +11,7 @@ from tolerances import assert_close
 from kimi_ref.config import ConfigError, fixture_path, load_config, tiny_config
 from kimi_ref.oracle import router as oracle
 from kimi_ref.router import Router, route
+from chapter_solutions import load_solutions
 
 REAL = load_config(fixture_path("kimi_k25"))
 
@@ -143,14 +144,7 @@ def test_config_rejects_impossible_groups():
 
 
 def _solutions():
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parents[1] / "chapters" / "solutions" / "05_router.py"
-    spec = importlib.util.spec_from_file_location("solutions_05_router", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("05_router")
 
 
 SOLUTIONS = _solutions()

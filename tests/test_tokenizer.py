@@ -9,7 +9,6 @@ checked through ``special_tokens_layout`` and a ``tokenizer_config.json`` in the
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import re
 import unicodedata
@@ -24,16 +23,13 @@ from hypothesis import strategies as st
 
 from kimi_ref import tokenizer as T
 from kimi_ref.tokenizer import KIMI_PAT_STR, Tokenizer, TokenizerError, train_bpe
+from chapter_solutions import load_solutions
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def _solutions():
-    path = REPO / "chapters" / "solutions" / "01_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("solutions_01_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_solutions("01_tokenizer")
 
 
 SOL = _solutions()
