@@ -1,0 +1,226 @@
+"""Train kimi-nano: a miniature Kimi (same architecture, format and chat template) from scratch on CPU.
+
+    python -m weights_tools.train_nano OUT [--steps 1800] [--batch 16] [--seed 0] [--threads 2]
+                                           [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy]
+
+The model is the real K2.5 config shrunk in size only (MLA with YaRN RoPE, sigmoid ``noaux_tc`` router
+with ``e_score_correction_bias``, a shared expert, the first layer dense), trained on the generated
+conversations of :mod:`weights_tools.nano_data` (loss on assistant tokens only), with:
+
+* MuonClip (:mod:`kimi_ref.muonclip`): Muon for the matrices, AdamW for the rest, and QK-Clip after
+  every step, fed by each attention's per-head maximum logit (``MLA.track_max_logit``);
+* aux-loss-free balancing: after each step every MoE layer nudges ``e_score_correction_bias`` of its
+  overloaded experts down and of its idle ones up by ``BIAS_RATE`` (DeepSeek-V3, used by Kimi K2).
+
+Training runs in fp32 with dense experts; the result is written in the real checkpoint layout
+(:func:`weights_tools.make_tiny.write_checkpoint`): routed experts quantized to INT4 (compressed-tensors
+pack-quantized), everything else bf16, the demo tokenizer, plus ``train_log.json`` (loss and per-head
+max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization) and
+``tools.json`` (the tools it was trained with). The same seed gives the same weights: data,
+initialisation and the update order are all seeded; floating-point sums depend on the thread count, so a run reproduces bit for bit with the
+same ``--threads`` (default 2, about 25 minutes on a 2-core laptop).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
+from kimi_ref.model import KimiForCausalLM
+from kimi_ref.tokenizer import Tokenizer
+from weights_tools import nano_data
+
+__all__ = ["nano_config", "build_model", "train", "checkpoint_tensors", "main", "BIAS_RATE"]
+
+BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed γ
+DENSE_EXPERTS_FILE = "dense_experts.safetensors"
+
+
+def nano_config(*, toy: bool = False) -> KimiConfig:
+    """K2.5's config, shrunk: d 128, 4 layers (1 dense), 4 heads, 8 experts top-2 + 1 shared, vocab 4096."""
+    real = load_config(fixture_path("kimi_k25"))
+    if toy:  # for CI: the smallest model that exercises every part
+        return tiny_config(real, vocab_size=4096)
+    # The latent (kv_lora_rank) and value widths are generous for d = 128: copying a number from the
+    # question into the answer moves the token's identity through the latent and a head's value.
+    return tiny_config(real, vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+                       q_lora_rank=96, kv_lora_rank=96, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                       intermediate_size=256, moe_intermediate_size=64, n_routed_experts=8, num_experts_per_tok=2)
+
+
+def build_model(config: KimiConfig, seed: int) -> KimiForCausalLM:
+    """The fp32 training model: dense experts (quantized only when saved), every MLA tracking max logits."""
+    torch.manual_seed(seed)
+    model = KimiForCausalLM(config.replace(quantization=None), dtype=torch.float32, mla_mode="naive")
+    for name, p in model.named_parameters():
+        if p.dim() == 2:
+            torch.nn.init.normal_(p, std=0.02 if "embed" in name or "lm_head" in name else p.shape[1] ** -0.5)
+        elif name.endswith("norm.weight") or name.endswith("layernorm.weight"):
+            torch.nn.init.ones_(p)
+    for layer in model.model.layers:
+        layer.self_attn.track_max_logit = True
+    return model
+
+
+def _pad(batch: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    length = max(len(ids) for ids, _ in batch)
+    ids = torch.full((len(batch), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(batch), length), dtype=torch.bool)
+    for row, (seq, m) in enumerate(batch):
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(m)] = torch.tensor(m, dtype=torch.bool)
+    return ids, mask
+
+
+def loss_fn(model: KimiForCausalLM, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the assistant's tokens (right padding never enters a loss)."""
+    logits = model(ids[:, :-1])
+    target = mask[:, 1:]
+    return F.cross_entropy(logits[target], ids[:, 1:][target])
+
+
+class _LoadCounter:
+    """Counts how many tokens each expert received in the last forward of every MoE layer."""
+
+    def __init__(self, model: KimiForCausalLM):
+        self.counts: dict[int, torch.Tensor] = {}
+        self.gates = {}
+        for i, layer in enumerate(model.model.layers):
+            gate = getattr(layer.mlp, "gate", None)
+            if gate is not None:
+                self.gates[i] = gate
+                gate.register_forward_hook(self._hook(i))
+
+    def _hook(self, i: int):
+        def hook(module, inputs, output):
+            _, ids = output
+            self.counts[i] = torch.bincount(ids.flatten(), minlength=module.weight.shape[0])
+        return hook
+
+    @torch.no_grad()
+    def balance(self, rate: float) -> None:
+        for i, gate in self.gates.items():
+            load = self.counts[i].float()
+            gate.e_score_correction_bias += rate * torch.sign(load.mean() - load)
+
+
+def _max_logits(model: KimiForCausalLM) -> list[list[float]]:
+    return [layer.self_attn.max_logit.tolist() for layer in model.model.layers]
+
+
+# Weight decay per step is lr · WEIGHT_DECAY. Kimi's 0.1 goes with a learning rate around 2e-4; at our
+# 1e-2 it would shrink every weight by 1e-3 a step and wipe out the embeddings of rare tokens (each
+# number appears in a few conversations) between their visits, so the model could not copy numbers.
+WEIGHT_DECAY = 0.01
+
+
+def make_optimizer(model: KimiForCausalLM, kind: str, lr: float, tau: float | None):
+    if kind == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
+    if kind == "muonclip":
+        from kimi_ref.muonclip import MuonClip
+
+        return MuonClip(model, lr=lr, weight_decay=WEIGHT_DECAY, tau=tau, config=model.config)
+    raise ValueError(f"--optimizer must be 'muonclip' or 'adamw', found {kind!r}")
+
+
+def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, optimizer: str = "muonclip",
+          lr: float = 1e-2, tau: float | None = 100.0, log_every: int = 10, progress=print) -> tuple[KimiForCausalLM, dict]:
+    """Train from scratch; returns the fp32 model and the log {step, loss, max_logit[layer][head], ...}."""
+    tok = Tokenizer.demo()
+    model = build_model(config, seed)
+    opt = make_optimizer(model, optimizer, lr, tau)
+    counter = _LoadCounter(model)
+    warmup = max(1, steps // 20)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+    log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "steps": steps, "batch": batch_size, "seed": seed},
+           "step": [], "loss": [], "max_logit": [], "seconds": []}
+    start = time.perf_counter()
+    for step, batch in enumerate(nano_data.batches(tok, batch_size, steps, seed=seed)):
+        ids, mask = _pad(batch, config.pad_token_id)
+        loss = loss_fn(model, ids, mask)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()  # MuonClip applies QK-Clip here, from the max logits of this forward
+        schedule.step()
+        counter.balance(BIAS_RATE)
+        if step % log_every == 0 or step == steps - 1:
+            log["step"].append(step)
+            log["loss"].append(round(loss.item(), 5))
+            log["max_logit"].append([[round(v, 3) for v in heads] for heads in _max_logits(model)])
+            log["seconds"].append(round(time.perf_counter() - start, 1))
+            progress(f"step {step:5d}  loss {loss.item():.4f}  max logit "
+                     f"{max(max(h) for h in log['max_logit'][-1]):7.2f}  {log['seconds'][-1]:7.1f} s")
+    return model, log
+
+
+def checkpoint_tensors(model: KimiForCausalLM, config: KimiConfig) -> dict[str, torch.Tensor]:
+    """The trained fp32 model as checkpoint tensors: INT4 where ``config.quantization`` says, bf16 elsewhere."""
+    from kimi_ref import int4
+    from kimi_ref.checkpoint import expected_tensors, flat_name, is_quantized
+
+    state = model.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, (shape, tag) in expected_tensors(config).items():
+        key = flat_name(name, config)
+        module, _, part = key.rpartition(".")
+        if part in ("weight_packed", "weight_scale", "weight_shape"):
+            if part == "weight_packed":
+                assert is_quantized(config, module), name
+                dense = state[module + ".weight"].to(torch.bfloat16)
+                packed, scale = int4.quantize(dense, config.quantization.group_size)
+                prefix = name[: -len("weight_packed")]
+                out[prefix + "weight_packed"], out[prefix + "weight_scale"] = packed, scale
+                out[prefix + "weight_shape"] = int4.weight_shape(tuple(dense.shape))
+            continue
+        value = state[key]
+        if tuple(value.shape) != tuple(shape):
+            raise ValueError(f"{name}: trained tensor has shape {tuple(value.shape)}, the checkpoint expects {shape}")
+        out[name] = value.to(torch.float32 if tag == "F32" else torch.bfloat16).contiguous()
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m weights_tools.train_nano", description=__doc__.splitlines()[0])
+    parser.add_argument("out", help="output checkpoint directory (created; overwritten if it holds a checkpoint)")
+    parser.add_argument("--steps", type=int, default=1800)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--optimizer", default="muonclip", choices=["muonclip", "adamw"])
+    parser.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold on the max attention logit")
+    parser.add_argument("--no-qk-clip", action="store_true", help="MuonClip without the clip (for comparison)")
+    parser.add_argument("--toy", action="store_true", help="the smallest model (CI smoke test)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads (a run is reproducible for a given thread count)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from weights_tools.make_tiny import write_checkpoint
+
+    config = nano_config(toy=args.toy)
+    model, log = train(config, steps=args.steps, batch_size=args.batch, seed=args.seed, optimizer=args.optimizer,
+                       lr=args.lr, tau=None if args.no_qk_clip else args.tau)
+    out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=True)
+    (Path(out) / "train_log.json").write_text(json.dumps(log) + "\n")
+    # The bf16 originals of the INT4 experts (not part of the checkpoint format): they let a test measure
+    # what quantization costs, by swapping them back in (tests/test_nano.py).
+    dense = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if ".mlp.experts." in k}
+    save_file(dense, str(Path(out) / DENSE_EXPERTS_FILE), metadata={"format": "pt"})
+    # The tools it was trained with: `python -m kimi_ref.chat` declares them when no --tools is given.
+    (Path(out) / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
