@@ -118,8 +118,8 @@ def _max_logits(model: KimiForCausalLM) -> list[list[float]]:
 
 
 # Weight decay per step is lr · WEIGHT_DECAY. Kimi's 0.1 goes with a learning rate around 2e-4; at our
-# 1e-2 it would shrink every weight by 1e-3 a step and wipe out the embeddings of rare tokens (each
-# number appears in a few conversations) between their visits, so the model could not copy numbers.
+# 1e-2 it would shrink every weight by 1e-3 a step, which is suspected (not yet shown) to erase the
+# embeddings of rare tokens such as individual numbers between their visits.
 WEIGHT_DECAY = 0.01
 
 
