@@ -112,6 +112,12 @@ plt.show()
 # `nano_eval.play` runs one conversation the way the chat CLI does: render with the real template,
 # generate greedily to `<|im_end|>`, parse the kimi_k2 tool call, run the calculator, feed the
 # result back, generate again.
+#
+# Be warned: the kimi-nano shipped today is an early model
+# ([kimi_ref/data/nano/README.md](../kimi_ref/data/nano/README.md)). It thinks, calls the calculator
+# in perfect kimi_k2 form and reads the result back — but it has not yet learned to *copy* the numbers
+# of the question, so the numbers it sends are wrong. Copying a rare token from far back is exactly the
+# kind of circuit a small model finds late; exercise 3 asks you to find out what it needs.
 
 # %%
 import kimi_ref
@@ -130,6 +136,9 @@ for message in history:
 #    `split(gamma)`: the factors applied to (q_nope, k_nope, q_rope, k_rope).
 # 2. Write `trained_fraction(messages, tokenizer)`: the share of a conversation's tokens that carry
 #    a loss. Compare a calculator conversation with chit-chat: which parts of each carry no loss, and why?
+# 3. (Open) Train with `python -m weights_tools.train_nano OUT --steps ...` and grade with
+#    `python -m weights_tools.nano_eval OUT`: how many steps, what latent width or weight decay does the
+#    model need before it copies numbers? Plot the loss on number tokens alone.
 #
 # Solutions: [chapters/solutions/13_kimi_nano.py](solutions/13_kimi_nano.py).
 
