@@ -32,6 +32,7 @@ import sys
 import tempfile
 import zlib
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -41,7 +42,7 @@ from kimi_ref import int4
 from kimi_ref.checkpoint import INDEX_FILE, ITEMSIZE, expected_tensors, flat_name, is_quantized
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 
-__all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "make_tiny", "write_checkpoint",
+__all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "make_tiny", "write_checkpoint", "checkpoint_tensors",
            "tiny_checkpoint", "shard_plan", "main"]
 
 TINY_VOCAB = 4096  # the demo tokenizer: 3840 BPE ranks + 256 special slots
@@ -108,10 +109,15 @@ def _init(key: str, shape: tuple[int, ...], seed: int) -> torch.Tensor:
     return noise / fan_in**0.5  # Linear [out, in] and the patch Conv2d [out, 3, p, p]
 
 
-def _tensors(config: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
-    expected = expected_tensors(config)
+def checkpoint_tensors(config: KimiConfig, dense: Callable[[str, tuple[int, ...]], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every tensor of ``expected_tensors(config)``, stored as the real checkpoint stores it.
+
+    ``dense(key, shape)`` gives the float value of the model tensor ``key`` (flat name) of ``shape``.
+    Modules the quantization config names become INT4 (quantized from that value rounded to bf16, as
+    compressed-tensors does from a bf16 model); the rest is bf16, or fp32 where the list says F32.
+    """
     out: dict[str, torch.Tensor] = {}
-    for name, (shape, tag) in expected.items():
+    for name, (shape, tag) in expected_tensors(config).items():
         key = flat_name(name, config)
         module, _, part = key.rpartition(".")
         if part in ("weight_packed", "weight_scale", "weight_shape"):
@@ -120,16 +126,20 @@ def _tensors(config: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
             if not is_quantized(config, module):
                 raise MakeTinyError(f"{name}: packed in the tensor list but not quantized by the config")
             out_f, in_f = shape[0], shape[1] * int4.PACK_FACTOR
-            dense = _init(module + ".weight", (out_f, in_f), seed).to(torch.bfloat16)
-            packed, scale = int4.quantize(dense, config.quantization.group_size)  # type: ignore[union-attr]
+            weight = dense(module + ".weight", (out_f, in_f)).to(torch.bfloat16)
+            packed, scale = int4.quantize(weight, config.quantization.group_size)  # type: ignore[union-attr]
             prefix = name[: -len("weight_packed")]
             out[prefix + "weight_packed"] = packed
             out[prefix + "weight_scale"] = scale
             out[prefix + "weight_shape"] = int4.weight_shape((out_f, in_f))
             continue
-        value = _init(key, shape, seed)
-        out[name] = value.to(torch.float32 if tag == "F32" else torch.bfloat16)
+        value = dense(key, shape)
+        out[name] = value.to(torch.float32 if tag == "F32" else torch.bfloat16).contiguous()
     return out  # write_checkpoint checks it against the list
+
+
+def _tensors(config: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
+    return checkpoint_tensors(config, lambda key, shape: _init(key, shape, seed))
 
 
 def make_tiny(out: str | Path, layout: str = "kimi_k25", seed: int = 0, *, force: bool = False,

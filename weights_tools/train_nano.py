@@ -166,28 +166,16 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
 
 def checkpoint_tensors(model: KimiForCausalLM, config: KimiConfig) -> dict[str, torch.Tensor]:
     """The trained fp32 model as checkpoint tensors: INT4 where ``config.quantization`` says, bf16 elsewhere."""
-    from kimi_ref import int4
-    from kimi_ref.checkpoint import expected_tensors, flat_name, is_quantized
+    from weights_tools.make_tiny import checkpoint_tensors as stored
 
     state = model.state_dict()
-    out: dict[str, torch.Tensor] = {}
-    for name, (shape, tag) in expected_tensors(config).items():
-        key = flat_name(name, config)
-        module, _, part = key.rpartition(".")
-        if part in ("weight_packed", "weight_scale", "weight_shape"):
-            if part == "weight_packed":
-                assert is_quantized(config, module), name
-                dense = state[module + ".weight"].to(torch.bfloat16)
-                packed, scale = int4.quantize(dense, config.quantization.group_size)
-                prefix = name[: -len("weight_packed")]
-                out[prefix + "weight_packed"], out[prefix + "weight_scale"] = packed, scale
-                out[prefix + "weight_shape"] = int4.weight_shape(tuple(dense.shape))
-            continue
-        value = state[key]
-        if tuple(value.shape) != tuple(shape):
-            raise ValueError(f"{name}: trained tensor has shape {tuple(value.shape)}, the checkpoint expects {shape}")
-        out[name] = value.to(torch.float32 if tag == "F32" else torch.bfloat16).contiguous()
-    return out
+
+    def dense(key: str, shape: tuple[int, ...]) -> torch.Tensor:
+        if tuple(state[key].shape) != tuple(shape):
+            raise ValueError(f"{key}: trained tensor has shape {tuple(state[key].shape)}, the checkpoint expects {shape}")
+        return state[key]
+
+    return stored(config, dense)
 
 
 def main(argv: list[str] | None = None) -> int:
