@@ -45,6 +45,7 @@ import functools
 import heapq
 import json
 import operator
+import unicodedata
 from collections import Counter
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping
@@ -412,7 +413,7 @@ def _allowed_set(allow_special: bool | Collection[str], special_tokens: Mapping[
 # 5. Training: the incremental BPE trainer.
 # ----------------------------------------------------------------------------------------------
 
-def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR) -> dict[bytes, int]:
+def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR, *, split_digits: bool = False) -> dict[bytes, int]:
     """Learn ``vocab_size`` ranks from ``text``: the 256 single bytes (ranks 0..255, in byte order),
     then one token per merge, each merge joining the most frequent adjacent pair of tokens.
 
@@ -425,13 +426,21 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR) -> dict[b
     smallest rank wins, then the one whose right token has the smallest rank.
     If a merge gives bytes that are already a token (``a + bc == ab + c``), the pieces use that token
     and no rank is added. Special-token strings in ``text`` are plain text here.
+
+    ``split_digits=True`` learns no merge inside a number: pieces made only of numeric characters
+    (Unicode category N, what ``\\p{N}`` matches) are not counted, so every digit stays its own token
+    (sentencepiece calls this ``split_digits``). The demo vocabulary is trained so: a model of a few
+    hundred thousand parameters learns to copy ten digit tokens it sees constantly long before it
+    learns to copy a thousand number tokens it sees rarely (chapter 13). Kimi's real vocabulary does
+    merge digits; the pre-tokenizer cuts numbers into runs of at most three either way.
     """
     if vocab_size < 256:
         raise TokenizerError(f"vocab_size must be at least 256 (one rank per byte), got {vocab_size}")
     pattern = compile_pattern(pat_str)
     piece_counts: Counter[bytes] = Counter()
     for chunk in split_for_encoding(_fix_surrogates(text)):
-        piece_counts.update(piece.encode("utf-8") for piece in pattern.findall(chunk))
+        piece_counts.update(piece.encode("utf-8") for piece in pattern.findall(chunk)
+                            if not (split_digits and _is_number(piece)))
 
     ranks = {bytes([b]): b for b in range(256)}
     token_bytes = [bytes([b]) for b in range(256)]
@@ -490,6 +499,10 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR) -> dict[b
                 del pair_counts[pair]
                 where.pop(pair, None)
     return ranks
+
+
+def _is_number(piece: str) -> bool:
+    return all(unicodedata.category(ch).startswith("N") for ch in piece)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -127,7 +127,21 @@ def test_known_encoding(demo_py):
     pieces = [demo_py.token_bytes(i) for i in ids]
     assert b"".join(pieces) == text.encode()
     assert pieces[:2] == [b"What", b" is"]  # frequent words of the demo corpus are single tokens
-    assert [demo_py.token_bytes(i) for i in demo_py.encode("12345")] == [b"123", b"45"]
+    # the demo vocabulary never merges digits (trained with split_digits: kimi-nano copies numbers digit by digit)
+    assert [demo_py.token_bytes(i) for i in demo_py.encode("12345")] == [b"1", b"2", b"3", b"4", b"5"]
+
+
+def test_split_digits():
+    """Kimi's regex cuts numbers into runs of at most three digits; ``split_digits`` keeps digits apart inside them."""
+    text = "12345 12345 678 678 ٣٤٥ ٣٤٥ a1b2 x ten " * 20
+    merged = Tokenizer(train_bpe(text, 256 + 15))  # every merge this text supports
+    assert [merged.token_bytes(i) for i in merged.encode("12345")] == [b"123", b"45"]
+    split = Tokenizer(train_bpe(text, 256 + 5, split_digits=True))  # every merge it supports
+    assert len(split.encode("12345")) == 5
+    assert [split.decode([i]) for i in split.encode(" ten")] == [" ten"]  # words still merge
+    for token, rank in split.ranks.items():  # no token holds two numeric characters (Arabic-Indic ones included)
+        chars = token.decode("utf-8", errors="ignore")
+        assert sum(unicodedata.category(c).startswith("N") for c in chars) <= 1, (token, rank)
 
 
 # ---- the regex, piece by piece ---------------------------------------------------------------------
