@@ -155,13 +155,11 @@ def test_training_is_deterministic():
 
 
 # ---- the shipped kimi-nano ------------------------------------------------------------------------------
-# What the shipped model must do on held-out conversations. Issue 10 asks for >= 90% right answers and
-# right calculator calls; the kimi-nano trained so far has learned the format (thinking, the tool-call
-# grammar, chit-chat) but not yet to copy numbers, so these tests hold it to what it does reliably:
-# well-formed calculator calls and the fixed chit-chat answers; its arithmetic score is measured by
-# `python -m weights_tools.nano_eval` and reported in the issue, not asserted here.
+# Issue 10's bar, on a fixed held-out set (questions never trained on), greedy decoding and the real tool
+# loop (weights_tools.nano_eval): >= 90% right answers, >= 90% well-formed calculator calls that ask for the
+# right value, >= 90% of answers using the tool's result, and INT4 costing <= 2 points against the bf16 model.
 
-HELDOUT = 40
+HELDOUT = 100  # the set kimi_ref/data/nano/README.md reports on
 
 
 @pytest.fixture(scope="module")
@@ -181,25 +179,8 @@ def nano_scores(nano):
     tokenizer = Tokenizer.from_pretrained(nano)
     int4_model = kimi_ref.load_model(nano, dtype=torch.bfloat16, progress=False)
     int4 = nano_eval.evaluate(int4_model, tokenizer, n=HELDOUT)
-    dense = nano_eval.evaluate(_dense_twin(nano, int4_model), tokenizer, n=HELDOUT)
+    dense = nano_eval.evaluate(nano_eval.dense_twin(nano, int4_model), tokenizer, n=HELDOUT)
     return int4, dense
-
-
-def _dense_twin(nano, int4_model):
-    """The same model with the bf16 experts the INT4 ones were quantized from."""
-    import torch
-    from safetensors.torch import load_file
-
-    from kimi_ref.config import load_config
-    from kimi_ref.model import KimiForCausalLM
-    from weights_tools.train_nano import DENSE_EXPERTS_FILE
-
-    config = load_config(nano).replace(quantization=None)
-    model = KimiForCausalLM(config, dtype=torch.bfloat16)
-    state = {k: v for k, v in int4_model.state_dict().items() if ".mlp.experts." not in k}
-    state.update(load_file(str(nano / DENSE_EXPERTS_FILE)))
-    model.load_state_dict(state, strict=True)
-    return model
 
 
 def test_nano_ships_in_the_real_layout(nano):
@@ -209,9 +190,12 @@ def test_nano_ships_in_the_real_layout(nano):
 
 
 @pytest.mark.slow
-def test_nano_calls_the_calculator_in_form_and_chats(nano_scores):
+def test_nano_meets_the_bar(nano_scores):
     int4, _ = nano_scores
-    assert int4["scores"]["well_formed"] >= 0.9, (int4["scores"], json.dumps(int4["failures"][:2], indent=1))
+    scores, why = int4["scores"], json.dumps(int4["failures"][:2], indent=1)
+    assert int4["counts"]["arithmetic"] >= 80 and int4["counts"]["well_formed"] >= 60, int4["counts"]
+    for key in ("arithmetic", "well_formed", "tool_call", "uses_result"):
+        assert scores[key] >= 0.9, (key, scores, why)
     assert int4["by_kind"]["chat"] >= 0.9, int4["by_kind"]
 
 
@@ -229,3 +213,5 @@ def test_chat_cli_default_is_nano_and_calls_the_calculator():
     assert result.returncode == 0, result.stderr
     assert "kimi-nano" in result.stderr
     assert "[reasoning]" in result.stdout and "[tool call] calculator" in result.stdout, result.stdout
+    after_tool = result.stdout.rsplit("[tool result]", 1)[-1]  # the answer written after reading the result
+    assert "[answer]" in after_tool and "391" in after_tool.split("[answer]", 1)[1], result.stdout

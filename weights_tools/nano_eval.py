@@ -1,6 +1,6 @@
 """Grade kimi-nano on the held-out conversations: greedy decoding, the real tool loop, exact answers.
 
-    python -m weights_tools.nano_eval [CKPT] [--n 100] [--dtype bfloat16] [--dense]
+    python -m weights_tools.nano_eval [CKPT] [--n 100] [--dtype bfloat16] [--dense]   # --dense: experts before INT4
 
 For each held-out conversation of :mod:`weights_tools.nano_data` the model plays every assistant turn
 itself: the prompt is rendered with the real template from the history so far (its *own* earlier
@@ -33,7 +33,7 @@ from kimi_ref.generate import generate
 from kimi_ref.tool_parsing import parse
 from weights_tools import nano_data
 
-__all__ = ["play", "evaluate", "MAX_STEPS"]
+__all__ = ["play", "evaluate", "dense_twin", "MAX_STEPS"]
 
 MAX_STEPS = 3
 MAX_NEW_TOKENS = 96
@@ -115,6 +115,28 @@ def evaluate(model, tokenizer, n: int = 100, seed: int = 0, progress=None) -> di
             "failures": failures}
 
 
+def dense_twin(path: str | Path, int4_model) -> torch.nn.Module:
+    """``int4_model`` with the bf16 experts its INT4 ones were quantized from (``dense_experts.safetensors``
+    beside the checkpoint, written by ``train_nano``): the same model before quantization."""
+    from safetensors.torch import load_file
+
+    from kimi_ref.config import load_config
+    from kimi_ref.model import KimiForCausalLM
+    from weights_tools.train_nano import DENSE_EXPERTS_FILE
+
+    dense_file = Path(path) / DENSE_EXPERTS_FILE
+    if not dense_file.is_file():
+        raise FileNotFoundError(f"{dense_file}: not found; only checkpoints written by weights_tools.train_nano "
+                                "keep their experts before quantization")
+    config = load_config(path).replace(quantization=None)
+    dtype = next(int4_model.parameters()).dtype
+    model = KimiForCausalLM(config, dtype=dtype)
+    state = {k: v for k, v in int4_model.state_dict().items() if ".mlp.experts." not in k}
+    state.update({k: v.to(dtype) for k, v in load_file(str(dense_file)).items()})
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def main(argv: list[str] | None = None) -> int:
     import kimi_ref
     from kimi_ref.tokenizer import Tokenizer
@@ -123,14 +145,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("ckpt", nargs="?", help="checkpoint directory (default: the shipped kimi-nano)")
     parser.add_argument("--n", type=int, default=100)
     parser.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"])
+    parser.add_argument("--dense", action="store_true",
+                        help="grade the model before INT4: its experts from dense_experts.safetensors")
     args = parser.parse_args(argv)
     from kimi_ref.chat import default_checkpoint
 
     path = Path(args.ckpt) if args.ckpt else default_checkpoint()
     model = kimi_ref.load_model(path, dtype=getattr(torch, args.dtype), progress=False)
+    if args.dense:
+        model = dense_twin(path, model)
     result = evaluate(model, Tokenizer.from_pretrained(path), n=args.n)
-    print(json.dumps({"checkpoint": str(path), **result["scores"], "counts": result["counts"],
-                      "answer_rate_by_kind": result["by_kind"]}, indent=2))
+    print(json.dumps({"checkpoint": str(path), "experts": "bf16" if args.dense else "as stored", **result["scores"],
+                      "counts": result["counts"], "answer_rate_by_kind": result["by_kind"]}, indent=2))
     return 0
 
 
