@@ -429,10 +429,10 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR, *, split_
 
     ``split_digits=True`` learns no merge inside a number: pieces made only of numeric characters
     (Unicode category N, what ``\\p{N}`` matches) are not counted, so every digit stays its own token
-    (sentencepiece calls this ``split_digits``). The demo vocabulary is trained so: a model of a few
-    hundred thousand parameters learns to copy ten digit tokens it sees constantly long before it
-    learns to copy a thousand number tokens it sees rarely (chapter 13). Kimi's real vocabulary does
-    merge digits; the pre-tokenizer cuts numbers into runs of at most three either way.
+    (sentencepiece calls this ``split_digits``). The demo vocabulary is trained so, and kimi-nano
+    copies numbers digit by digit (chapter 13 measures what that changes, and what it does not).
+    Kimi's real vocabulary does merge digits; the pre-tokenizer cuts numbers into runs of at most
+    three either way.
     """
     if vocab_size < 256:
         raise TokenizerError(f"vocab_size must be at least 256 (one rank per byte), got {vocab_size}")

@@ -589,7 +589,7 @@ def make_demo_vocab(out_dir: str | Path, *, n_ranks: int = N_RANKS, seed: int = 
     """Train on :func:`build_corpus` and write ``tiktoken.model`` + ``tokenizer_config.json``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # Digits are never merged (see train_bpe): kimi-nano learns to copy numbers digit by digit.
+    # Digits are never merged (see train_bpe): kimi-nano copies numbers digit by digit (chapter 13).
     ranks = train_bpe(build_corpus(seed), n_ranks, pat_str=KIMI_PAT_STR, split_digits=True)
     save_ranks(ranks, out_dir / "tiktoken.model")
     text = json.dumps(tokenizer_config(len(ranks)), indent=2, ensure_ascii=False) + "\n"
