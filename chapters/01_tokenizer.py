@@ -60,8 +60,9 @@ print(first)
 # Spaces glue to the *front* of words (`" the"`), digits pair up, and common English fragments come
 # first. (The shipped demo vocabulary is trained with `train_bpe(..., split_digits=True)`: no merge
 # inside a number, so `"391"` is three tokens. Kimi's real vocabulary merges digits; chapter 13 measures
-# what the difference does to a tiny model learning to copy numbers.) Below: how many tokens a held-out text needs as the vocabulary grows. The first few hundred
-# merges buy most of the compression; real vocabularies go to 160k to cover many languages and code.
+# what the difference does to a tiny model learning to copy numbers.) Below: how many tokens a
+# held-out text needs as the vocabulary grows. The first few hundred merges buy most of the
+# compression; real vocabularies go to 160k to cover many languages and code.
 
 # %%
 sizes = [256, 300, 400, 600, 1000, 1600, 2400, 3840]
