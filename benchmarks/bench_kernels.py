@@ -141,7 +141,9 @@ def bench_copy(shapes: Shapes, timer: Timer, device) -> float:
     return gbps(2 * shapes.copy_bytes, ms)  # a copy reads and writes every byte
 
 
-def bench_w4a16(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> None:
+def bench_w4a16(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> list[dict]:
+    """The W4A16 table; returns its rows as dicts (case, triton_ms, torch_ms, bytes) for a caller's targets."""
+    rows: list[dict] = []
     rep.add("### W4A16 GEMM (bf16 activations, INT4 weights, fp32 out)")
     rep.add()
     header = ["out × in", "M", "Triton ms", "Triton GB/s", "% copy", "torch ms", "torch GB/s", "% copy", "rel err"]
@@ -160,6 +162,7 @@ def bench_w4a16(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: b
 
                 t_torch = timer(torch_path)
                 cells = [label, m]
+                t_tri = float("nan")
                 if use_kernel:
                     got = W4.w4a16_matmul_triton(x, packed, scale)
                     t_tri = timer(lambda: W4.w4a16_matmul_triton(x, packed, scale))
@@ -169,12 +172,16 @@ def bench_w4a16(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: b
                     err, cells = float("nan"), cells + ["n/a", "", ""]
                 cells += [f"{t_torch:.4f}", f"{gbps(nbytes, t_torch):.3g}", pct(gbps(nbytes, t_torch), copy_gbps), f"{err:.1e}"]
                 rep.row(cells)
+                rows.append({"case": (out_f, in_f, m), "triton_ms": t_tri, "torch_ms": t_torch, "bytes": nbytes})
             except Exception as err:  # noqa: BLE001 - one bad row must not lose the others
                 rep.failed(f"{label} M={m}", len(header), err)
     rep.add()
+    return rows
 
 
-def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> None:
+def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> list[dict]:
+    """The fused-MoE table; returns its rows as dicts (case = batch, triton_ms, torch_ms, bytes)."""
+    rows: list[dict] = []
     e, k, d, i = shapes.moe
     rep.add(f"### Fused MoE, one layer ({e} experts, top-{k}, d {d}, I {i}; bf16 tokens, INT4 experts)")
     rep.add()
@@ -188,7 +195,7 @@ def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
     except Exception as err:  # noqa: BLE001
         rep.failed("weights", len(header), err)
         rep.add()
-        return
+        return rows
     per_expert = int4.packed_bytes(i, d, shape_bytes=0) * 2 + int4.packed_bytes(d, i, shape_bytes=0)
     gen = torch.Generator(device="cpu").manual_seed(0)
     for n in shapes.moe_batches:
@@ -200,7 +207,7 @@ def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
             nbytes = hit * per_expert + x.numel() * 2 + n * d * 4
             args = (x, tw, ids, gp, gs, up, us, dp, ds)
             t_torch = timer(lambda: MOE.fused_moe_torch(*args))
-            cells = [n, hit]
+            cells, t_tri = [n, hit], float("nan")
             if use_kernel:
                 err = rel_err(MOE.fused_moe_triton(*args), MOE.fused_moe_torch(*args))
                 t_tri = timer(lambda: MOE.fused_moe_triton(*args))
@@ -209,13 +216,17 @@ def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
                 err, cells = float("nan"), cells + ["n/a", "", ""]
             cells += [f"{t_torch:.3f}", f"{gbps(nbytes, t_torch):.3g}", pct(gbps(nbytes, t_torch), copy_gbps), f"{err:.1e}"]
             rep.row(cells)
+            rows.append({"case": n, "triton_ms": t_tri, "torch_ms": t_torch, "bytes": nbytes})
         except Exception as err:  # noqa: BLE001
             rep.failed(f"batch {n}", len(header), err)
     del gp, gs, up, us, dp, ds
     rep.add()
+    return rows
 
 
-def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> None:
+def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: bool, copy_gbps: float) -> list[dict]:
+    """The MLA-decode table; returns its rows as dicts (case = (batch, context), triton_ms, torch_ms, bytes)."""
+    rows: list[dict] = []
     h, c, r = shapes.mla
     rep.add(f"### MLA decode over the latent cache ({h} heads, kv_lora {c}, rope {r}; bf16 cache, one new token)")
     rep.add()
@@ -233,7 +244,7 @@ def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
                 nbytes = (latent.numel() + k_rope.numel()) * 2 + (q_latent.numel() + q_rope.numel() + b * h * c) * 4
                 args = (q_latent, q_rope, latent, k_rope, s, scale)
                 t_torch = timer(lambda: MLA.mla_decode_torch(*args))
-                cells = [b, s]
+                cells, t_tri = [b, s], float("nan")
                 if use_kernel:
                     err = rel_err(MLA.mla_decode_triton(*args), MLA.mla_decode_torch(*args))
                     t_tri = timer(lambda: MLA.mla_decode_triton(*args))
@@ -242,10 +253,12 @@ def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
                     err, cells = float("nan"), cells + ["n/a", "", ""]
                 cells += [f"{t_torch:.4f}", f"{gbps(nbytes, t_torch):.3g}", pct(gbps(nbytes, t_torch), copy_gbps), f"{err:.1e}"]
                 rep.row(cells)
+                rows.append({"case": (b, s), "triton_ms": t_tri, "torch_ms": t_torch, "bytes": nbytes})
                 del latent, k_rope
             except Exception as err:  # noqa: BLE001
                 rep.failed(f"batch {b}, context {s}", len(header), err)
     rep.add()
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,6 +43,7 @@ from kimi_ref.checkpoint import INDEX_FILE, ITEMSIZE, expected_tensors, flat_nam
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 
 __all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "make_tiny", "write_checkpoint", "checkpoint_tensors",
+           "random_tensors",
            "tiny_checkpoint", "shard_plan", "main"]
 
 TINY_VOCAB = 4096  # the demo tokenizer: 3840 BPE ranks + 256 special slots
@@ -138,7 +139,9 @@ def checkpoint_tensors(config: KimiConfig, dense: Callable[[str, tuple[int, ...]
     return out  # write_checkpoint checks it against the list
 
 
-def _tensors(config: KimiConfig, seed: int) -> dict[str, torch.Tensor]:
+def random_tensors(config: KimiConfig, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint for ``config``: make_tiny's random weights, stored as the real one stores them
+    (for any config: ``benchmarks/device_check.py`` writes a ~1 GB one with it)."""
     return checkpoint_tensors(config, lambda key, shape: _init(key, shape, seed))
 
 
@@ -147,7 +150,7 @@ def make_tiny(out: str | Path, layout: str = "kimi_k25", seed: int = 0, *, force
     """Write the tiny checkpoint into directory ``out`` (created; must be empty unless ``force``)."""
     config = tiny_checkpoint_config(layout)
     _check_out(Path(out), force)
-    return write_checkpoint(out, config, _tensors(config, seed), force=force, tokenizer=tokenizer)
+    return write_checkpoint(out, config, random_tensors(config, seed), force=force, tokenizer=tokenizer)
 
 
 def _check_out(out: Path, force: bool) -> None:

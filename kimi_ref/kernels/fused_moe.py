@@ -142,13 +142,16 @@ def block_schedule(topk_ids: torch.Tensor, expert_offset: int, num_experts: int,
 
     Returns ``order`` [P] (pair indices n·k + j, sorted by expert; foreign pairs last) and, per block of a
     grid sized for the worst case, ``expert`` (-1: spare block), ``start`` and ``end`` rows into ``order``.
-    Everything stays on the device: no host synchronisation.
+    Everything stays on the device: no host synchronisation, so a decode step can be captured in a CUDA graph.
     """
     ids = topk_ids.reshape(-1).long() - expert_offset
     pairs = ids.numel()
     key = torch.where((ids >= 0) & (ids < num_experts), ids, torch.full_like(ids, num_experts))
     order = torch.argsort(key, stable=True)
-    counts = torch.bincount(key, minlength=num_experts + 1)[:num_experts]
+    # A scatter-add, not torch.bincount: bincount on CUDA reads the largest key back to the host to size
+    # its output, a synchronisation in every MoE layer of every decode step (and no CUDA-graph capture).
+    counts = torch.zeros(num_experts + 1, dtype=torch.long, device=ids.device).scatter_add_(0, key, torch.ones_like(key))
+    counts = counts[:num_experts]
     first_row = torch.cumsum(counts, 0) - counts
     blocks = (counts + block_m - 1) // block_m
     blocks_end = torch.cumsum(blocks, 0)
