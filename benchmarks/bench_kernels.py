@@ -17,8 +17,12 @@ machine (``dst.copy_(src)`` of a large buffer: read + write). Rows:
   kv_lora_rank 512, rope 64, bf16 latent cache; bytes = the cache read. Torch's path is the fp32 einsum.
 
 GPU timing: CUDA events around each call, after warm-up, with a 256 MiB buffer written before every
-call so that no weight is still in L2 (50 MB on an H100). The median of the runs is reported. Every
-row runs in its own ``try``: a failure prints its error in the table instead of stopping the script.
+call so that no weight is still in L2 (50 MB on an H100). The Triton columns time a CUDA-graph replay of
+the call (the kernels' time; an eager call of a ~10 µs kernel is mostly Python and launch overhead, which
+``device_check.py`` part 3 measures separately); the torch columns time the call as made. The median of
+the runs is reported. Every row runs in its own ``try``: a failure prints its error in the table instead
+of stopping the script.
+
 Targets (issue 8): W4A16 at M = 1 ≥ 70% of copy bandwidth; MLA decode ≥ 60%.
 """
 
@@ -68,15 +72,41 @@ SMOKE = Shapes(linears=[(64, 128), (128, 64)], ms=[1, 17], moe=(8, 2, 64, 32), m
 
 
 class Timer:
-    """Median time of a call in ms: CUDA events with an L2 flush on a GPU, perf_counter elsewhere."""
+    """Median time of a call in ms: CUDA events with an L2 flush on a GPU, perf_counter elsewhere.
+
+    ``timer(fn, graph=True)`` on a GPU captures ``fn`` once as a CUDA graph and times its replays: the
+    kernels' own time, without the Python and launch overhead between them (which an eager call of a
+    10 µs kernel is mostly made of). Only for code that never synchronises with the host (the Triton
+    paths); the torch paths are timed as called.
+    """
 
     def __init__(self, device: torch.device, flush_bytes: int, warmup: int, iters: int):
         self.device, self.warmup, self.iters = device, warmup, iters
         self.flush = torch.empty(flush_bytes, dtype=torch.uint8, device=device) if device.type == "cuda" else None
 
-    def __call__(self, fn) -> float:
+    def __call__(self, fn, graph: bool = False) -> float:
         for _ in range(self.warmup):
             fn()
+        if graph and self.device.type == "cuda":
+            return self._replayed(fn)
+        return self._timed(fn)
+
+    def _replayed(self, fn) -> float:
+        fn()  # compiled and allocated before the capture
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            fn()
+        torch.cuda.current_stream().wait_stream(side)
+        cuda_graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(cuda_graph):
+            fn()
+        try:
+            return self._timed(cuda_graph.replay)
+        finally:
+            del cuda_graph
+
+    def _timed(self, fn) -> float:
         times = []
         for _ in range(self.iters):
             if self.device.type == "cuda":
@@ -165,7 +195,7 @@ def bench_w4a16(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: b
                 t_tri = float("nan")
                 if use_kernel:
                     got = W4.w4a16_matmul_triton(x, packed, scale)
-                    t_tri = timer(lambda: W4.w4a16_matmul_triton(x, packed, scale))
+                    t_tri = timer(lambda: W4.w4a16_matmul_triton(x, packed, scale), graph=True)
                     err = rel_err(got, x.float() @ int4.dequantize(packed, scale, (out_f, in_f)).T)
                     cells += [f"{t_tri:.4f}", f"{gbps(nbytes, t_tri):.3g}", pct(gbps(nbytes, t_tri), copy_gbps)]
                 else:
@@ -210,7 +240,7 @@ def bench_moe(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
             cells, t_tri = [n, hit], float("nan")
             if use_kernel:
                 err = rel_err(MOE.fused_moe_triton(*args), MOE.fused_moe_torch(*args))
-                t_tri = timer(lambda: MOE.fused_moe_triton(*args))
+                t_tri = timer(lambda: MOE.fused_moe_triton(*args), graph=True)
                 cells += [f"{t_tri:.3f}", f"{gbps(nbytes, t_tri):.3g}", pct(gbps(nbytes, t_tri), copy_gbps)]
             else:
                 err, cells = float("nan"), cells + ["n/a", "", ""]
@@ -247,7 +277,7 @@ def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
                 cells, t_tri = [b, s], float("nan")
                 if use_kernel:
                     err = rel_err(MLA.mla_decode_triton(*args), MLA.mla_decode_torch(*args))
-                    t_tri = timer(lambda: MLA.mla_decode_triton(*args))
+                    t_tri = timer(lambda: MLA.mla_decode_triton(*args), graph=True)
                     cells += [f"{t_tri:.4f}", f"{gbps(nbytes, t_tri):.3g}", pct(gbps(nbytes, t_tri), copy_gbps)]
                 else:
                     err, cells = float("nan"), cells + ["n/a", "", ""]

@@ -279,7 +279,7 @@ def check_w4a16(run: Run, sz: Sizes, gen: torch.Generator) -> None:
             if m > 1:
                 x[m // 2, 3] = float("nan")  # one row's outputs must be NaN, every other row untouched
             tri = W4.w4a16_matmul_triton(x, packed, scale)
-            row = dot_row(x.dtype, uses_dot=m >= 16)  # the wrapper's rule: tl.dot from 16 rows, fp32 FMAs below
+            row = dot_row(x.dtype, uses_dot=W4.uses_dot(m))  # tl.dot rounds to bf16 on a GPU; one row is fp32 FMAs
             _compare(run, "W4A16", f"{out_f}×{in_f}, M={m}", row, tri, W4.w4a16_matmul_torch(x, packed, scale),
                      f64(x) @ dense.T)
 
@@ -406,52 +406,85 @@ def part_speed(run: Run, sz: Sizes, timer: BK.Timer) -> None:
         if row["case"][1] == (32768 if not sz.quick else sz.bench.mla_contexts[0]):
             run.targets.append((f"MLA decode at {row['case'][1]} context: ≥ 60%", f"{share(row):.0f}%",
                                 "yes" if share(row) >= 60 else "**no**"))
-    run.progress("part 2: launch-knob sweep")
-    sweep_knobs(run, sz, timer)
+    run.progress("part 2: launch configurations")
+    sweep_launches(run, sz, timer)
 
 
-def sweep_knobs(run: Run, sz: Sizes, timer: BK.Timer) -> None:
-    """Each wrapper's one launch knob, swept: where does the default heuristic stand?"""
+# Launch configurations swept in part 2 (the wrapper's own choice comes first, as "auto").
+W4_CONFIGS = [{}, {"BLOCK_N": 32, "BLOCK_K": 256}, {"BLOCK_N": 8}, {"BLOCK_N": 32}, {"BLOCK_K": 1024},
+              {"num_warps": 2}, {"num_warps": 8}, {"num_stages": 4}]
+W4_SPLITS = [None, 8, 32]
+MOE_UP = [{}, {"BLOCK_N": 64, "BLOCK_K": 64}, {"BLOCK_N": 32, "BLOCK_K": 256}, {"BLOCK_N": 16, "BLOCK_K": 256}]
+MOE_DOWN = [{}, {"BLOCK_N": 64}, {"BLOCK_N": 256}, {"BLOCK_N": 128, "BLOCK_K": 128}]
+MOE_ONE_ROW = [({"BLOCK_N": 32}, {}), ({"BLOCK_K": 512}, {}), ({"BLOCK_N": 8, "BLOCK_K": 512}, {}),
+               ({}, {"BLOCK_N": 16}), ({}, {"BLOCK_N": 64}), ({}, {"BLOCK_K": 512}), ({"num_warps": 8}, {"num_warps": 8}),
+               ({"num_stages": 4}, {"num_stages": 4}), ({"BLOCK_N": 32, "BLOCK_K": 128}, {"BLOCK_N": 64, "BLOCK_K": 128})]
+MLA_CONFIGS = [{}, {"num_warps": 8}, {"BLOCK_S": 64}, {"BLOCK_H": 16}, {"BLOCK_S": 64, "num_warps": 8},
+               {"BLOCK_H": 64, "num_warps": 8}]
+MLA_SPLITS = [None, 32, 64, 128]
+
+
+def sweep_launches(run: Run, sz: Sizes, timer: BK.Timer) -> None:
+    """Each kernel under other launch configurations (CUDA-graph replay time): where does the default stand?"""
     rep, c = run.rep, sz.config
-    rep.add("### Launch knobs swept (triton ms; `auto` is the wrapper's default)")
+    rep.add("### Launch configurations swept (kernel time, CUDA-graph replay; the first of each group is the default)")
     rep.add()
-    rep.row(["kernel", "case", "knob", "values → ms"])
-    rep.row(["---"] * 4)
+    header = ["kernel", "case", "launch", "ms", "% copy"]
+    rep.row(header)
+    rep.row(["---"] * len(header))
     gen = torch.Generator(device=DEVICE).manual_seed(2)
-    knobs = [None, 1, 2, 4, 8, 16, 32]
-    try:
-        out_f, in_f = c.moe_intermediate_size, c.hidden_size
+    quick = slice(0, 2) if sz.quick else slice(None)
+
+    def row(kernel: str, case: str, launch: str, fn, nbytes: int) -> None:
+        try:
+            ms = timer(fn, graph=True)
+            rep.row([kernel, case, launch, f"{ms:.4f}", BK.pct(BK.gbps(nbytes, ms), run.copy_gbps)])
+        except Exception as err:  # noqa: BLE001 - a configuration that does not compile says so, the sweep goes on
+            rep.failed(f"{kernel} {case} {launch}", len(header), err)
+
+    for out_f, in_f in sz.bench.linears:
         packed, scale = int4_weight(gen, out_f, in_f)
-        for m in (1, 8):
-            x = torch.randn(m, in_f, generator=gen, device=DEVICE).to(BF16)
-            times = [f"{k or 'auto'}: {timer(lambda: BK.W4.w4a16_matmul_triton(x, packed, scale, split_k=k)):.4f}"
-                     for k in knobs]
-            rep.row(["W4A16", f"{out_f}×{in_f}, M={m}", "split_k", ", ".join(times)])
-    except Exception as err:  # noqa: BLE001
-        rep.failed("W4A16 split_k", 4, err)
-    try:
-        b, h, cl, r = 1, c.num_attention_heads, c.kv_lora_rank, c.qk_rope_head_dim
-        for s in ([32768] if not sz.quick else [64]):
-            args = (torch.randn(b, h, cl, device=DEVICE), torch.randn(b, h, r, device=DEVICE),
-                    torch.randn(b, s, cl, device=DEVICE).to(BF16), torch.randn(b, s, r, device=DEVICE).to(BF16), s, 0.1)
-            times = [f"{k or 'auto'}: {timer(lambda: BK.MLA.mla_decode_triton(*args, num_splits=k)):.4f}"
-                     for k in [None, 8, 16, 32, 64, 128, 256]]
-            rep.row(["MLA decode", f"B=1, {h} heads, context {s}", "num_splits", ", ".join(times)])
-    except Exception as err:  # noqa: BLE001
-        rep.failed("MLA num_splits", 4, err)
-    try:
-        e, k, d, i = sz.bench.moe
-        flat = [t for shape in ((i, d), (i, d), (d, i)) for t in int4_weight(gen, *shape, (e,))]
-        for n in sz.bench.moe_batches:
-            ids = torch.stack([torch.randperm(e, device=DEVICE)[:k] for _ in range(n)])
-            args = (torch.randn(n, d, device=DEVICE).to(BF16), torch.rand(n, k, device=DEVICE), ids, *flat)
-            times = [f"{bm or 'auto'}: {timer(lambda: BK.MOE.fused_moe_triton(*args, block_m=bm)):.4f}"
-                     for bm in (None, 16, 32, 64)]
-            rep.row(["fused MoE", f"{n} tokens", "block_m", ", ".join(times)])
-        del flat
-    except Exception as err:  # noqa: BLE001
-        rep.failed("fused MoE block_m", 4, err)
+        nbytes = packed.numel() * 4 + scale.numel() * 2
+        x = torch.randn(1, in_f, generator=gen, device=DEVICE).to(BF16)
+        for cfg in W4_CONFIGS[quick]:
+            row("W4A16", f"{out_f}×{in_f}, M=1", str(cfg or "auto"),
+                lambda: BK.W4.w4a16_matmul_triton(x, packed, scale, config=cfg), nbytes)
+        for split in W4_SPLITS[1:3 if sz.quick else None]:
+            row("W4A16", f"{out_f}×{in_f}, M=1", f"split_k={split}",
+                lambda: BK.W4.w4a16_matmul_triton(x, packed, scale, split_k=split), nbytes)
+    run.save()
+    e, k, d, i = sz.bench.moe
+    flat = [t for shape in ((i, d), (i, d), (d, i)) for t in int4_weight(gen, *shape, (e,))]
+    per_expert = sum(t[0].numel() * t.element_size() for t in flat)
+    for n in sz.bench.moe_batches:
+        ids = torch.stack([torch.randperm(e, device=DEVICE)[:k] for _ in range(n)])
+        args = (torch.randn(n, d, device=DEVICE).to(BF16), torch.rand(n, k, device=DEVICE), ids, *flat)
+        nbytes = int(torch.unique(ids).numel()) * per_expert
+        for cfg in MOE_UP[quick]:
+            row("fused MoE", f"{n} tokens", f"gate/up {cfg or 'auto'}",
+                lambda: BK.MOE.fused_moe_triton(*args, up_config=cfg), nbytes)
+        for cfg in MOE_DOWN[1:][quick]:
+            row("fused MoE", f"{n} tokens", f"down {cfg}", lambda: BK.MOE.fused_moe_triton(*args, down_config=cfg), nbytes)
+        for bm in (16, 32, 64, 1)[quick]:
+            row("fused MoE", f"{n} tokens", f"block_m={bm}", lambda: BK.MOE.fused_moe_triton(*args, block_m=bm), nbytes)
+        for up, down in MOE_ONE_ROW[quick] if n == 1 else ():
+            row("fused MoE", f"{n} tokens", f"block_m=1, gate/up {up}, down {down}",
+                lambda: BK.MOE.fused_moe_triton(*args, block_m=1, up_config=up, down_config=down), nbytes)
+    del flat
     free()
+    run.save()
+    h, cl, r = sz.bench.mla
+    for s in sz.bench.mla_contexts[:2]:
+        lat = torch.randn(1, s, cl, device=DEVICE).to(BF16)
+        args = (torch.randn(1, h, cl, device=DEVICE), torch.randn(1, h, r, device=DEVICE), lat,
+                torch.randn(1, s, r, device=DEVICE).to(BF16), s, 0.1)
+        nbytes = s * (cl + r) * 2
+        for cfg in MLA_CONFIGS[quick]:
+            row("MLA decode", f"B=1, {h} heads, context {s}", str(cfg or "auto"),
+                lambda: BK.MLA.mla_decode_triton(*args, config=cfg), nbytes)
+        for split in MLA_SPLITS[1:][quick]:
+            row("MLA decode", f"B=1, {h} heads, context {s}", f"num_splits={split}",
+                lambda: BK.MLA.mla_decode_triton(*args, num_splits=split), nbytes)
     rep.add()
 
 
@@ -544,8 +577,9 @@ def part_layer(run: Run, sz: Sizes, timer: BK.Timer) -> None:
             run.save()
     finally:
         hook.remove()
-        layer._stacked = None
     rep.add()
+    for line in getattr(run, "breakdown", []):
+        rep.add(line)
     extrapolate(run, sz, decode_b1, rest, per_expert)
 
 
@@ -589,6 +623,8 @@ def layer_case(run: Run, sz: Sizes, layer, rotary, picks, gen, timer, label, b, 
                  f"{ms['triton'] / roof:.1f}×" if decode_roof else "—", graph,
                  f"{int((~same).sum())} of {b * t}", err_of(flat(out["triton"]), f64(flat(out["torch"])), BF16), verdict])
     if b == 1 and t == 1 and ctx == min(ctx_ for _, ctx_ in sz.decode):
+        if DEVICE.type == "cuda":
+            kernel_breakdown(run, step, f"{label}, triton backend")
         run.targets.append(("one layer, decode B=1 (triton): ≤ 2× its byte roofline", f"{ms['triton'] / roof:.1f}×",
                             "yes" if ms["triton"] <= 2 * roof else "**no**"))
         run.targets.append(("one layer, decode B=1: triton ≥ 3× faster than torch", f"{ms['torch'] / ms['triton']:.1f}×",
@@ -596,6 +632,26 @@ def layer_case(run: Run, sz: Sizes, layer, rotary, picks, gen, timer, label, b, 
         return {"eager_ms": ms["triton"], "graph_ms": float(graph.split()[0]) if graph[:1].isdigit() else float("nan"),
                 "ctx": ctx, "hit": hit}
     return {}
+
+
+def kernel_breakdown(run: Run, step, label: str, repeats: int = 5, top: int = 12) -> None:
+    """Where one step's GPU time goes, per kernel (torch.profiler over eager steps), after the layer table."""
+    from torch.profiler import ProfilerActivity, profile  # only here: CUPTI is needed on a GPU alone
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            step()
+        sync()
+    kernels = [(e.key, getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0), e.count)
+               for e in prof.key_averages()]
+    kernels = sorted((k for k in kernels if k[1] > 0), key=lambda k: -k[1])
+    total = sum(us for _, us, _ in kernels) / repeats
+    run.breakdown = [f"Per-kernel GPU time of one {label} step (torch.profiler, {repeats} eager steps): "
+                     f"**{total / 1e3:.3f} ms of kernels** in {sum(n for *_, n in kernels) // repeats} launches.", "",
+                     "| kernel | µs per step | launches per step |", "|---|---|---|"]
+    for name, us, count in kernels[:top]:
+        run.breakdown.append(f"| `{name[:70]}` | {us / repeats:.1f} | {count / repeats:g} |")
+    run.breakdown.append("")
 
 
 def extrapolate(run: Run, sz: Sizes, b1: dict, rest: int, per_expert: int) -> None:

@@ -26,8 +26,9 @@ experts contribute nothing here. The shared expert and the dense MLP are split M
 sums meet in **one** ``all_reduce``.
 
 **Kernels.** ``backend = "triton"`` sends the routed part to ``kimi_ref.kernels.fused_moe`` when all of
-this rank's experts are INT4 and form one contiguous range (their packed buffers are stacked once
-and cached); otherwise the torch path below runs (it is the reference).
+this rank's experts are INT4 and form one contiguous range (their packed buffers are stacked once,
+and each expert's buffers become views of its row: see ``MoE._stacked_int4``); otherwise the torch
+path below runs (it is the reference).
 
 Float64 twin: ``kimi_ref/oracle/experts.py``.
 """
@@ -45,6 +46,9 @@ from kimi_ref.parallel import SINGLE, TP
 from kimi_ref.router import Router
 
 __all__ = ["SwiGLU", "DenseMLP", "MoE", "routed_expert"]
+
+_PROJS = ("gate_proj", "up_proj", "down_proj")
+_STACKED = tuple((p, buf) for p in _PROJS for buf in ("weight_packed", "weight_scale"))  # fused_moe's argument order
 
 
 class SwiGLU(nn.Module):
@@ -122,7 +126,10 @@ class MoE(nn.Module):
                                          what="moe_intermediate_size × n_shared_experts (shared expert)")
         else:
             self.shared_experts = None
-        self._stacked: tuple[tuple[int, ...], tuple[torch.Tensor, ...]] | None = None
+        self._stacked: tuple[int, tuple[torch.Tensor, ...]] | None = None  # see _stacked_int4
+        self._stacked_experts: list[nn.Module] = []
+        self._restack = False
+        self.register_load_state_dict_post_hook(MoE._loaded)
 
     # ---- the routed part, two ways -----------------------------------------------------------------
 
@@ -147,23 +154,44 @@ class MoE(nn.Module):
         return out
 
     def _stacked_int4(self) -> tuple[int, tuple[torch.Tensor, ...]] | None:
-        """(expert_offset, stacked packed/scale buffers) for fused_moe, or None if the kernel cannot serve."""
+        """(expert_offset, stacked packed/scale buffers [E, ...]) for fused_moe, or None if the kernel cannot serve.
+
+        The first call stacks this rank's experts into six [E, ...] tensors and points every expert's
+        buffers at its row of them, so the weights exist once: a stacked *copy* would double the experts'
+        memory (71 GB per rank at TP 8, on a 141 GB H200), and a write into an expert's buffer
+        (``load_state_dict`` copies in place) lands where the kernel reads. Replacing buffer objects instead
+        (``load_state_dict(assign=True)``, ``.to(device)``, ``.float()``) is caught by a post-load hook and a
+        check that the first and last buffers still sit where the stack put them, so each call costs O(1)
+        rather than a look at all 6·E buffers; assigning a new tensor to one expert's buffer by hand is not
+        caught (write into it instead, or load it).
+        """
+        if self._stacked is not None and not self._restack and self._views_intact():
+            return self._stacked
         keys = sorted(int(k) for k in self.experts.keys())
         if not keys or keys != list(range(keys[0], keys[0] + len(keys))):
             return None  # e.g. load_layer with a subset of experts: not one contiguous range
         experts = [self.experts[str(e)] for e in keys]
-        projs = ("gate_proj", "up_proj", "down_proj")
-        if not all(isinstance(getattr(m, p), W4A16Linear) for m in experts for p in projs):
+        if not all(isinstance(getattr(m, p), W4A16Linear) for m in experts for p in _PROJS):
             return None
-        tensors = [t for m in experts for p in projs for t in (getattr(m, p).weight_packed, getattr(m, p).weight_scale)]
-        # Restack when any buffer is replaced (new storage) or written in place (load_state_dict copies
-        # into the old storage and bumps the tensor's version counter).
-        stamp = tuple((t.data_ptr(), t._version) for t in tensors)
-        if self._stacked is None or self._stacked[0] != stamp:
-            stacked = tuple(torch.stack([getattr(getattr(m, p), buf) for m in experts])
-                            for p in projs for buf in ("weight_packed", "weight_scale"))
-            self._stacked = (stamp, stacked)
-        return keys[0], self._stacked[1]
+        stacked = tuple(torch.stack([getattr(getattr(m, p), buf) for m in experts]) for p, buf in _STACKED)
+        for i, m in enumerate(experts):
+            for (p, buf), whole in zip(_STACKED, stacked):
+                setattr(getattr(m, p), buf, whole[i])  # a view: the expert's own buffer is now row i of the stack
+        self._stacked, self._stacked_experts, self._restack = (keys[0], stacked), list(self.experts.values()), False
+        return self._stacked
+
+    def _views_intact(self) -> bool:
+        offset, stacked = self._stacked
+        if len(self.experts) != len(self._stacked_experts) or any(
+                a is not b for a, b in zip(self.experts.values(), self._stacked_experts)):
+            return False  # an expert module was added, removed or replaced
+        first = self.experts[str(offset)].gate_proj.weight_packed
+        last = self.experts[str(offset + stacked[0].shape[0] - 1)].down_proj.weight_scale
+        return first.data_ptr() == stacked[0].data_ptr() and last.data_ptr() == stacked[-1][-1].data_ptr()
+
+    @staticmethod
+    def _loaded(module: "MoE", incompatible_keys) -> None:
+        module._restack = True  # load_state_dict may have assigned new buffers: check them all on the next call
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         if self.backend == "triton":

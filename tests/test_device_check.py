@@ -30,7 +30,7 @@ def test_quick_run_passes_every_part(tmp_path):
     done = _run("--quick", "--device", "cpu", "--out", str(out))
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     text = out.read_text()
-    for part in ("# kimi_ref device check", "## 1. Kernels", "## 2. Speed", "### Launch knobs swept",
+    for part in ("# kimi_ref device check", "## 1. Kernels", "## 2. Speed", "### Launch configurations swept",
                  "## 3. One full-size decoder layer", "### The whole model at TP 8", "## 4. A model end to end",
                  "## Targets (issue 15)", "Correctness checks failed: **0**"):
         assert part in text, f"{part!r} missing from the quick run's results"

@@ -220,13 +220,29 @@ def test_triton_backend_stacks_int4_experts(monkeypatch):
     want2 = moe(x)
     moe.backend = "triton"
     torch.testing.assert_close(moe(x), want2, rtol=1e-5, atol=1e-6)
+    # the weights exist once: each expert's buffers are row views of the stack the kernel reads
+    offset, stacked = moe._stacked_int4()
+    assert offset == 4 and moe.experts["5"].up_proj.weight_packed.data_ptr() == stacked[2][1].data_ptr()
+    # a write into one expert's buffer, without load_state_dict, reaches the kernel
+    moe.experts["6"].down_proj.weight_scale.mul_(2)
+    moe.backend = "torch"
+    want3 = moe(x)
+    moe.backend = "triton"
+    torch.testing.assert_close(moe(x), want3, rtol=1e-5, atol=1e-6)
+    # new buffer objects (load_state_dict(assign=True), as .to() or .float() would make) are stacked anew
+    randomize(moe, 6)
+    moe.load_state_dict({k: v.clone() for k, v in moe.state_dict().items()}, assign=True)
+    moe.backend = "torch"
+    want4 = moe(x)
+    moe.backend = "triton"
+    torch.testing.assert_close(moe(x), want4, rtol=1e-5, atol=1e-6)
     # non-quantized experts (or a non-contiguous subset) stay on the torch path
     plain = MoE(moe_config(K25, quantized=False), 1)
     plain.backend = "triton"
     plain(x)
     del moe.experts["5"]
     moe(x)
-    assert len(calls) == 2
+    assert len(calls) == 4
 
 
 def test_unknown_backend_and_bad_width_are_errors():

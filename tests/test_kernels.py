@@ -490,3 +490,26 @@ def test_chapter_12_solutions():
     partials = np.stack([o_mla.softmax(scores[ch]) @ values[ch] for ch in chunks])
     lse = np.array([np.log(np.sum(np.exp(scores[ch] - scores[ch].max()))) + scores[ch].max() for ch in chunks])
     assert np.allclose(sol.combine_splits(partials, lse), o_mla.softmax(scores) @ values, rtol=1e-12, atol=1e-12)
+
+
+@settings(max_examples=8)
+@given(seed=seeds, n=st.integers(1, 6), offset=st.sampled_from([0, 3]))
+def test_fused_moe_one_row_blocks(seed, n, offset):
+    """block_m = 1 (decode: one row a block, fp32 FMAs instead of tl.dot) equals the oracle, foreign picks dropped."""
+    gen = torch.Generator().manual_seed(seed)
+    e_all, local, k, d, i = 8, 5, 3, 64, 32
+    weights = [_packed(gen, i, d) for _ in range(local)], [_packed(gen, i, d) for _ in range(local)], \
+        [_packed(gen, d, i) for _ in range(local)]
+    stacked = [torch.stack([w[part] for w in group]) for group in weights for part in (0, 1)]
+    ids = torch.stack([torch.randperm(e_all, generator=gen)[:k] for _ in range(n)])
+    tw = torch.rand(n, k, generator=gen)
+    x = torch.randn(n, d, generator=gen).to(BF16)
+    got = K_MOE.fused_moe_triton(x, tw, ids, *stacked, expert_offset=offset, block_m=1)
+    expected = np.zeros((n, d))
+    for t, j in zip(*np.nonzero(((ids >= offset) & (ids < offset + local)).numpy())):
+        e = int(ids[t, j]) - offset
+        dense = [_o_dense(*group[e]) for group in weights]
+        expected[t] += float(tw[t, j]) * o_experts.swiglu(f64(x[t:t + 1]), *dense)[0]
+    assert_close(got, expected, F32, what=f"fused_moe block_m=1 n={n} offset={offset}")
+    with pytest.raises(ValueError, match="block_m must be 1"):
+        K_MOE.fused_moe_triton(x, tw, ids, *stacked, expert_offset=offset, block_m=8)

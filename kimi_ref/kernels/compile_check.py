@@ -25,10 +25,8 @@ _W4 = {"x_ptr": "*bf16", "scale_ptr": "*bf16"}
 _MLA = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "lat_ptr": "*bf16", "kr_ptr": "*bf16"}
 _MOE = {"x_ptr": "*bf16", "gs_ptr": "*bf16", "us_ptr": "*bf16", "ds_ptr": "*bf16", "w_ptr": "*fp32"}
 CONFIGS = [
-    ("w4a16 M=1 (FMA, BK=256)", "w4a16", "_w4a16_kernel", _W4,
-     dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, GROUP=32, USE_DOT=False, DOT_MODE=0), 4),
-    ("w4a16 M=4 (FMA, BK=64)", "w4a16", "_w4a16_kernel", _W4,
-     dict(BLOCK_M=4, BLOCK_N=32, BLOCK_K=64, GROUP=32, USE_DOT=False, DOT_MODE=0), 4),
+    ("w4a16 M=1 (FMA, BN=16, BK=512)", "w4a16", "_w4a16_kernel", _W4,
+     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, GROUP=32, USE_DOT=False, DOT_MODE=0), 4),
     ("w4a16 M=16 (bf16 dot)", "w4a16", "_w4a16_kernel", _W4,
      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, USE_DOT=True, DOT_MODE=2), 4),
     ("w4a16 M=64 (bf16 dot)", "w4a16", "_w4a16_kernel", _W4,
@@ -41,15 +39,21 @@ CONFIGS = [
     ("rope bf16, 64 heads × 64", "rope", "_rope_kernel", {"x_ptr": "*bf16", "y_ptr": "*bf16"},
      dict(BLOCK_H=64, BLOCK_P=32), 4),
     ("mla_decode bf16 cache, c=512 r=64", "mla_decode", "_mla_decode_kernel", _MLA,
-     dict(BLOCK_H=32, BLOCK_S=32, BLOCK_C=512, BLOCK_R=64, DOT_MODE=2), 8),
+     dict(BLOCK_H=32, BLOCK_S=32, BLOCK_C=512, BLOCK_R=64, DOT_MODE=2), 4),
     ("mla_decode fp32 cache (tf32)", "mla_decode", "_mla_decode_kernel", {**_MLA, "lat_ptr": "*fp32", "kr_ptr": "*fp32"},
      dict(BLOCK_H=32, BLOCK_S=16, BLOCK_C=512, BLOCK_R=64, DOT_MODE=1), 8),
+    ("fused_moe gate/up, 16 rows (decode: BN=32, BK=128)", "fused_moe", "_gate_up_kernel", _MOE,
+     dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP=32, DOT_MODE=2, USE_DOT=True), 4),
     ("fused_moe gate/up, 16 rows", "fused_moe", "_gate_up_kernel", _MOE,
-     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2), 4),
-    ("fused_moe down, 16 rows", "fused_moe", "_down_kernel", _MOE,
-     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2), 4),
+     dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2, USE_DOT=True), 4),
+    ("fused_moe gate/up, 1 row (FMA, BN=16, BK=256)", "fused_moe", "_gate_up_kernel", _MOE,
+     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, GROUP=32, DOT_MODE=0, USE_DOT=False), 4),
+    ("fused_moe down, 1 row (FMA, BN=32, BK=256)", "fused_moe", "_down_kernel", _MOE,
+     dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, GROUP=32, DOT_MODE=0, USE_DOT=False), 4),
+    ("fused_moe down, 16 rows (BN=128)", "fused_moe", "_down_kernel", _MOE,
+     dict(BLOCK_M=16, BLOCK_N=128, BLOCK_K=64, GROUP=32, DOT_MODE=2, USE_DOT=True), 4),
     ("fused_moe gate/up, 64 rows", "fused_moe", "_gate_up_kernel", _MOE,
-     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2), 8),
+     dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2, USE_DOT=True), 8),
 ]
 
 _INT_PTRS = ("packed_ptr", "order_ptr", "blk_expert_ptr", "blk_start_ptr", "blk_end_ptr", "gp_ptr", "up_ptr", "dp_ptr")

@@ -16,7 +16,8 @@
    worst case, Σ⌈count_e/BLOCK_M⌉ ≤ ⌈N·k/BLOCK_M⌉ + min(E, N·k), and spare programs exit at once, so an
    expert with no tokens has no block and costs nothing — its weights are never read.
 2. **gate/up.** Each program gathers its block's token rows and multiplies them by expert e's gate and
-   up weights, dequantized tile by tile in registers (``w4a16.dequant_tile``), then writes
+   up weights, dequantized tile by tile in registers (``w4a16.dequant_tile``; ``tl.dot`` for blocks of ≥ 16
+   rows, fp32 FMAs for blocks of one row), then writes
    silu(g)·u [rows, I] — the SwiGLU activation is fused, g and u never leave the chip.
 3. **down.** The same schedule multiplies those rows by expert e's down weight and scales each row by
    its router weight, writing it to the pair's own slot [N·k, d].
@@ -31,7 +32,7 @@ import torch
 
 from kimi_ref import int4
 from kimi_ref.kernels._runtime import dot_acc, dot_mode, interpreting, jit, tl, triton, use_triton
-from kimi_ref.kernels.w4a16 import dequant_tile
+from kimi_ref.kernels.w4a16 import _launch_config, dequant_tile
 
 __all__ = ["fused_moe", "fused_moe_torch", "fused_moe_triton", "block_schedule"]
 
@@ -41,7 +42,7 @@ def _gate_up_kernel(x_ptr, order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr
                     gp_ptr, gs_ptr, up_ptr, us_ptr, h_ptr,
                     D, I, TOPK, stride_x, stride_pe, stride_pn, stride_se, stride_sn, stride_h,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                    DOT_MODE: tl.constexpr):
+                    DOT_MODE: tl.constexpr, USE_DOT: tl.constexpr):
     blk = tl.program_id(0)
     expert = tl.load(blk_expert_ptr + blk).to(tl.int64)
     if expert >= 0:  # spare blocks (no expert) do nothing
@@ -60,10 +61,14 @@ def _gate_up_kernel(x_ptr, order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr
                         mask=rmask[:, None] & (offs_k[None, :] < D), other=0.0).to(tl.float32)
             wg = dequant_tile(gp_ptr + expert * stride_pe, gs_ptr + expert * stride_se, offs_n, k0, I, D,
                               stride_pn, stride_sn, BLOCK_N, BLOCK_K, GROUP)
-            acc_g = dot_acc(x, tl.trans(wg), acc_g, DOT_MODE)
             wu = dequant_tile(up_ptr + expert * stride_pe, us_ptr + expert * stride_se, offs_n, k0, I, D,
                               stride_pn, stride_sn, BLOCK_N, BLOCK_K, GROUP)
-            acc_u = dot_acc(x, tl.trans(wu), acc_u, DOT_MODE)
+            if USE_DOT:
+                acc_g = dot_acc(x, tl.trans(wg), acc_g, DOT_MODE)
+                acc_u = dot_acc(x, tl.trans(wu), acc_u, DOT_MODE)
+            else:  # one row a block (decode): a GEMV in fp32 FMAs, no tensor-core layout to shuffle into
+                acc_g += tl.sum(x[:, None, :] * wg[None, :, :], axis=2)
+                acc_u += tl.sum(x[:, None, :] * wu[None, :, :], axis=2)
         h = acc_g / (1.0 + tl.exp(-acc_g)) * acc_u  # silu(g) · u, in fp32
         tl.store(h_ptr + rows[:, None].to(tl.int64) * stride_h + offs_n[None, :], h,
                  mask=rmask[:, None] & (offs_n[None, :] < I))
@@ -74,7 +79,7 @@ def _down_kernel(h_ptr, order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr, w
                  dp_ptr, ds_ptr, y_ptr,
                  D, I, stride_h, stride_pe, stride_pn, stride_se, stride_sn, stride_y,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                 DOT_MODE: tl.constexpr):
+                 DOT_MODE: tl.constexpr, USE_DOT: tl.constexpr):
     blk = tl.program_id(0)
     expert = tl.load(blk_expert_ptr + blk).to(tl.int64)
     if expert >= 0:
@@ -91,7 +96,10 @@ def _down_kernel(h_ptr, order_ptr, blk_expert_ptr, blk_start_ptr, blk_end_ptr, w
                         mask=rmask[:, None] & (offs_k[None, :] < I), other=0.0)
             w = dequant_tile(dp_ptr + expert * stride_pe, ds_ptr + expert * stride_se, offs_n, k0, D, I,
                              stride_pn, stride_sn, BLOCK_N, BLOCK_K, GROUP)
-            acc = dot_acc(a, tl.trans(w), acc, DOT_MODE)
+            if USE_DOT:
+                acc = dot_acc(a, tl.trans(w), acc, DOT_MODE)
+            else:
+                acc += tl.sum(a[:, None, :] * w[None, :, :], axis=2)
         weight = tl.load(w_ptr + pair, mask=rmask, other=0.0).to(tl.float32)
         tl.store(y_ptr + pair[:, None] * stride_y + offs_n[None, :], acc * weight[:, None],
                  mask=rmask[:, None] & (offs_n[None, :] < D))
@@ -166,33 +174,48 @@ def block_schedule(topk_ids: torch.Tensor, expert_offset: int, num_experts: int,
 
 
 def fused_moe_triton(x, topk_weights, topk_ids, w_gate_packed, w_gate_scale, w_up_packed, w_up_scale,
-                     w_down_packed, w_down_scale, expert_offset: int = 0, *, block_m: int | None = None) -> torch.Tensor:
-    """The Triton path: block schedule, gate/up kernel (SwiGLU fused), down kernel, combine."""
+                     w_down_packed, w_down_scale, expert_offset: int = 0, *, block_m: int | None = None,
+                     up_config: dict | None = None, down_config: dict | None = None) -> torch.Tensor:
+    """The Triton path: block schedule, gate/up kernel (SwiGLU fused), down kernel, combine.
+
+    ``up_config``/``down_config`` override each kernel's launch (keys BLOCK_N, BLOCK_K, num_warps, num_stages).
+    """
     n, d, k, e, i = _check(x, topk_weights, topk_ids, w_gate_packed, w_gate_scale, w_up_packed, w_up_scale,
                            w_down_packed, w_down_scale)
     if n == 0:
         return torch.zeros(0, d, dtype=torch.float32, device=x.device)
     x = x.contiguous()
-    gp, gs, up, us = (t.contiguous() for t in (w_gate_packed, w_gate_scale, w_up_packed, w_up_scale))
+    gp, gs, up_p, us = (t.contiguous() for t in (w_gate_packed, w_gate_scale, w_up_packed, w_up_scale))
     dp, ds = w_down_packed.contiguous(), w_down_scale.contiguous()
     if block_m is None:
         block_m = 16 if interpreting() or n * k <= 64 * e else 64  # ≥ 16 rows for tl.dot
-    block_n, block_k = (32, 32) if interpreting() else (64, 64)
+    if block_m != 1 and block_m < 16:
+        raise ValueError(f"fused_moe: block_m must be 1 (fp32 FMAs) or ≥ 16 (tl.dot), found {block_m}")
     warps = 8 if block_m >= 32 else 4  # 64 rows on 4 warps would use all 255 registers of a thread
+    if interpreting():
+        up = down = dict(block_n=32, block_k=32, num_warps=warps)
+    elif block_m == 1:  # one row a block: GEMV tiles, deep along k (fp32 FMAs, [1, BLOCK_N, BLOCK_K] in registers)
+        up, down = dict(block_n=16, block_k=256, num_warps=4), dict(block_n=32, block_k=256, num_warps=4)
+    else:  # the H200 launch sweep (benchmarks/results/h200.md): decode wants narrower, deeper gate/up tiles
+        few = n * k <= 64
+        up = dict(block_n=32 if few else 64, block_k=128 if few else 64, num_warps=warps)
+        down = dict(block_n=128 if block_m == 16 else 64, block_k=64, num_warps=warps)
+    up = _launch_config(up_config, **up)
+    down = _launch_config(down_config, **down)
     order, blk_expert, blk_start, blk_end = block_schedule(topk_ids, expert_offset, e, block_m)
     weights = topk_weights.float().contiguous().view(-1)
     h = torch.empty(n * k, i, dtype=torch.float32, device=x.device)
     mode = dot_mode(x.dtype)
-    _gate_up_kernel[(blk_expert.numel(), triton.cdiv(i, block_n))](
-        x, order, blk_expert, blk_start, blk_end, gp, gs, up, us, h,
+    _gate_up_kernel[(blk_expert.numel(), triton.cdiv(i, up["BLOCK_N"]))](
+        x, order, blk_expert, blk_start, blk_end, gp, gs, up_p, us, h,
         d, i, k, x.stride(0), gp.stride(0), gp.stride(1), gs.stride(0), gs.stride(1), h.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=mode, num_warps=warps,
+        BLOCK_M=block_m, GROUP=int4.GROUP_SIZE, DOT_MODE=mode, USE_DOT=block_m > 1, **up,
     )
     y = torch.zeros(n * k, d, dtype=torch.float32, device=x.device)  # foreign pairs stay 0
-    _down_kernel[(blk_expert.numel(), triton.cdiv(d, block_n))](
+    _down_kernel[(blk_expert.numel(), triton.cdiv(d, down["BLOCK_N"]))](
         h, order, blk_expert, blk_start, blk_end, weights, dp, ds, y,
         d, i, h.stride(0), dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=mode, num_warps=warps,
+        BLOCK_M=block_m, GROUP=int4.GROUP_SIZE, DOT_MODE=mode, USE_DOT=block_m > 1, **down,
     )
     return y.view(n, k, d).sum(1)
 

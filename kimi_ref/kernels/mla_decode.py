@@ -112,24 +112,36 @@ def _num_splits(b: int, head_blocks: int, length: int, block_s: int, device: tor
     if device.type != "cuda":
         return max(1, min(4, triton.cdiv(length, block_s)))  # exercise the combine even on the CPU
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(length, block_s), triton.cdiv(2 * sms, b * head_blocks)))
+    # one wave of programs: on an H200 64 splits (B=1, 64 heads) beat 128 at 4K and 32K (launch sweep)
+    return max(1, min(triton.cdiv(length, block_s), triton.cdiv(sms, b * head_blocks)))
 
 
 def mla_decode_triton(q_latent, q_rope, latent, k_rope, length: int, scale: float, *,
-                      num_splits: int | None = None) -> torch.Tensor:
-    """The Triton kernel: partial attention per (batch, head block, context chunk), then the combine."""
+                      num_splits: int | None = None, config: dict | None = None) -> torch.Tensor:
+    """The Triton kernel: partial attention per (batch, head block, context chunk), then the combine.
+
+    ``config`` overrides the launch (keys BLOCK_H, BLOCK_S, num_warps, num_stages), for tuning sweeps.
+    """
     b, h, c, r, s = _check(q_latent, q_rope, latent, k_rope, length)
     length = int(length)
     for name, t in (("q_latent", q_latent), ("q_rope", q_rope), ("latent", latent), ("k_rope", k_rope)):
         if t.stride(-1) != 1:
             raise ValueError(f"mla_decode: {name} must be contiguous in its last axis")
     # tl.dot needs ≥ 16 rows. Each head block streams the whole cache once, so bigger blocks read less;
-    # 32 heads × 32 keys × 512 with 8 warps is the largest that compiles for sm_90 without spilling.
+    # 32 heads × 32 keys × 512 is the largest tile that compiles for sm_90 without spilling on 8 warps; on
+    # 4 warps it spills ~350 bytes a thread and still ran 1.5× faster on an H200 (launch sweep,
+    # benchmarks/results/h200.md): fewer warps, more programs resident per SM, more loads in flight.
     if interpreting():
         block_h, block_s, warps = 16, 16, 4
     else:
-        block_h, warps = (32 if h > 16 else 16), 8
+        block_h, warps = (32 if h > 16 else 16), (4 if latent.element_size() == 2 else 8)
         block_s = 32 if latent.element_size() == 2 else 16  # an fp32 tile of 32 keys would spill
+    launch = {"num_warps": warps}
+    for key, value in (config or {}).items():
+        if key not in ("BLOCK_H", "BLOCK_S", "num_warps", "num_stages"):
+            raise ValueError(f"mla_decode: unknown launch key {key!r}; expected BLOCK_H, BLOCK_S, num_warps, num_stages")
+        launch[key] = int(value)
+    block_h, block_s = launch.pop("BLOCK_H", block_h), launch.pop("BLOCK_S", block_s)
     head_blocks = triton.cdiv(h, block_h)
     splits = _num_splits(b, head_blocks, length, block_s, q_latent.device) if num_splits is None else int(num_splits)
     if splits < 1:
@@ -145,7 +157,7 @@ def mla_decode_triton(q_latent, q_rope, latent, k_rope, length: int, scale: floa
         partial.stride(0), partial.stride(2), partial.stride(1), lse.stride(0), lse.stride(1),
         BLOCK_H=block_h, BLOCK_S=block_s, BLOCK_C=max(16, next_pow2(c)), BLOCK_R=max(16, next_pow2(r)),  # tl.dot: K ≥ 16
         DOT_MODE=dot_mode(latent.dtype),
-        num_warps=warps,
+        **launch,
     )
     if splits == 1:
         return partial[:, 0]

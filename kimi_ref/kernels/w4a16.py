@@ -13,8 +13,8 @@ dense weight never touches memory, which is the whole point (torch's path writes
 Tiles. One program owns a [BLOCK_M, BLOCK_N] tile of y and walks its share of the input dimension
 in BLOCK_K steps. Per step it loads the words [BLOCK_N, BLOCK_K/8] (contiguous along k, so loads
 coalesce), expands each word to 8 nibbles, multiplies by the group scales and
-    * M ≥ 16: feeds the [BLOCK_K, BLOCK_N] tile to ``tl.dot`` (tensor cores on a GPU);
-    * M < 16 (decode): broadcasts and sums in fp32 FMAs, since a 16-row dot would waste 15/16 of it.
+    * M ≥ 2: feeds the [BLOCK_K, BLOCK_N] tile to ``tl.dot`` (tensor cores on a GPU; rows padded to 16);
+    * M = 1 (decode): broadcasts and sums in fp32 FMAs (a GEMV: no tensor-core layout to shuffle into).
 Split-K: with few output tiles (M = 1 gives out/BLOCK_N of them) the GPU would idle, so the input
 dimension is cut into ``split_k`` slices whose partial sums land in [split_k, M, out] and are summed.
 
@@ -28,7 +28,7 @@ import torch
 from kimi_ref import int4
 from kimi_ref.kernels._runtime import DOT_IEEE, dot_acc, dot_mode, interpreting, jit, next_pow2, tl, triton, use_triton
 
-__all__ = ["w4a16_matmul", "w4a16_matmul_torch", "w4a16_matmul_triton", "dequant_tile", "check_w4a16"]
+__all__ = ["w4a16_matmul", "w4a16_matmul_torch", "w4a16_matmul_triton", "dequant_tile", "check_w4a16", "uses_dot"]
 
 
 @jit
@@ -98,15 +98,23 @@ def w4a16_matmul_torch(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tenso
     return x.float() @ int4.dequantize(packed, scale, (n, k), torch.float32).T
 
 
+def uses_dot(m: int) -> bool:
+    """Whether M rows go through ``tl.dot`` (bf16 inputs on a GPU) or fp32 FMAs (a single row: decode)."""
+    return m >= 2
+
+
 def _blocks(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, bool]:
-    """(BLOCK_M, BLOCK_N, BLOCK_K, use_dot) for this problem; one config in the interpreter."""
-    use_dot = m >= 16
+    """(BLOCK_M, BLOCK_N, BLOCK_K, use_dot) for this problem; one config in the interpreter.
+
+    On an H200 (benchmarks/results/h200.md, launch sweep): one row reads fastest as 16 output rows ×
+    512 inputs a step; 2-15 rows padded to a 16-row dot beat an FMA tile of 8 rows 4× (0.028 vs 0.125 ms).
+    """
+    use_dot = uses_dot(m)
     if interpreting():
-        return (16 if use_dot else next_pow2(m)), 32, 32, use_dot
+        return (16 if use_dot else 1), 32, 32, use_dot
     if use_dot:
         return (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64, True
-    block_m = next_pow2(m)
-    return block_m, 32, max(32, min(256, 256 // block_m)), False  # a [BLOCK_M, BLOCK_N, BLOCK_K] product fits in registers
+    return 1, 16, 512, False
 
 
 def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
@@ -117,13 +125,20 @@ def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
     return max(1, min(k_blocks, -(-4 * sms // tiles)))
 
 
-def w4a16_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None) -> torch.Tensor:
-    """The Triton kernel (CUDA, or the interpreter on CPU tensors); ``split_k`` slices of the input dim."""
+def w4a16_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None,
+                        config: dict | None = None) -> torch.Tensor:
+    """The Triton kernel (CUDA, or the interpreter on CPU tensors); ``split_k`` slices of the input dim.
+
+    ``config`` overrides the launch the wrapper would choose (keys BLOCK_N, BLOCK_K, num_warps, num_stages):
+    for tuning sweeps (``benchmarks/device_check.py``) and tests of GPU tile shapes.
+    """
     m, n, k = check_w4a16(x, packed, scale)
     if m == 0:
         return torch.zeros(0, n, dtype=torch.float32, device=x.device)
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
     block_m, block_n, block_k, use_dot = _blocks(m, n, k, x.device)
+    launch = _launch_config(config, block_n=block_n, block_k=block_k, num_warps=8 if block_m >= 32 else 4)
+    block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     k_blocks = triton.cdiv(k, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
     split_k = _choose_split_k(tiles, k_blocks, x.device) if split_k is None else int(split_k)
@@ -138,9 +153,20 @@ def w4a16_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         x.stride(0), packed.stride(0), scale.stride(0), out.stride(0), out.stride(1),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP=int4.GROUP_SIZE,
         USE_DOT=use_dot, DOT_MODE=dot_mode(x.dtype) if use_dot else DOT_IEEE,
-        num_warps=8 if block_m >= 32 else 4,  # a 64-row tile on 4 warps needs 223 registers a thread
+        **launch,  # num_warps 8 from 32 rows: a 64-row tile on 4 warps needs 223 registers a thread
     )
     return out[0] if split_k == 1 else out.sum(0)
+
+
+def _launch_config(config: dict | None, **defaults) -> dict:
+    """The wrapper's launch choice with a caller's overrides; unknown keys are an error, not ignored."""
+    keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
+    launch = {"BLOCK_N": defaults["block_n"], "BLOCK_K": defaults["block_k"], "num_warps": defaults["num_warps"]}
+    for key, value in (config or {}).items():
+        if key not in keys:
+            raise ValueError(f"launch config: unknown key {key!r}; expected some of {keys}")
+        launch[key] = int(value)
+    return launch
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None) -> torch.Tensor:
