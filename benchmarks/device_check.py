@@ -820,7 +820,8 @@ def summary(run: Run) -> None:
     for failure in run.failures:
         rep.add(f"- {failure[:300]}")
     rep.add()
-    rep.add(f"Total time {run.elapsed():.0f} s.")
+    peak = f"; peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if DEVICE.type == "cuda" else ""
+    rep.add(f"Total time {run.elapsed():.0f} s{peak}.")
 
 
 def main() -> int:
