@@ -25,8 +25,8 @@ _W4 = {"x_ptr": "*bf16", "scale_ptr": "*bf16"}
 _MLA = {"ql_ptr": "*fp32", "qr_ptr": "*fp32", "lat_ptr": "*bf16", "kr_ptr": "*bf16"}
 _MOE = {"x_ptr": "*bf16", "gs_ptr": "*bf16", "us_ptr": "*bf16", "ds_ptr": "*bf16", "w_ptr": "*fp32"}
 CONFIGS = [
-    ("w4a16 M=1 (FMA, BN=16, BK=512)", "w4a16", "_w4a16_kernel", _W4,
-     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, GROUP=32, USE_DOT=False, DOT_MODE=0), 4),
+    ("w4a16 M=1 (FMA, BN=8, BK=512)", "w4a16", "_w4a16_kernel", _W4,
+     dict(BLOCK_M=1, BLOCK_N=8, BLOCK_K=512, GROUP=32, USE_DOT=False, DOT_MODE=0), 4),
     ("w4a16 M=16 (bf16 dot)", "w4a16", "_w4a16_kernel", _W4,
      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, USE_DOT=True, DOT_MODE=2), 4),
     ("w4a16 M=64 (bf16 dot)", "w4a16", "_w4a16_kernel", _W4,
@@ -46,8 +46,8 @@ CONFIGS = [
      dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP=32, DOT_MODE=2, USE_DOT=True), 4),
     ("fused_moe gate/up, 16 rows", "fused_moe", "_gate_up_kernel", _MOE,
      dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=64, GROUP=32, DOT_MODE=2, USE_DOT=True), 4),
-    ("fused_moe gate/up, 1 row (FMA, BN=16, BK=256)", "fused_moe", "_gate_up_kernel", _MOE,
-     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=256, GROUP=32, DOT_MODE=0, USE_DOT=False), 4),
+    ("fused_moe gate/up, 1 row (FMA, BN=16, BK=512)", "fused_moe", "_gate_up_kernel", _MOE,
+     dict(BLOCK_M=1, BLOCK_N=16, BLOCK_K=512, GROUP=32, DOT_MODE=0, USE_DOT=False), 4),
     ("fused_moe down, 1 row (FMA, BN=32, BK=256)", "fused_moe", "_down_kernel", _MOE,
      dict(BLOCK_M=1, BLOCK_N=32, BLOCK_K=256, GROUP=32, DOT_MODE=0, USE_DOT=False), 4),
     ("fused_moe down, 16 rows (BN=128)", "fused_moe", "_down_kernel", _MOE,

@@ -106,15 +106,16 @@ def uses_dot(m: int) -> bool:
 def _blocks(m: int, n: int, k: int, device: torch.device) -> tuple[int, int, int, bool]:
     """(BLOCK_M, BLOCK_N, BLOCK_K, use_dot) for this problem; one config in the interpreter.
 
-    On an H200 (benchmarks/results/h200.md, launch sweep): one row reads fastest as 16 output rows ×
-    512 inputs a step; 2-15 rows padded to a 16-row dot beat an FMA tile of 8 rows 4× (0.028 vs 0.125 ms).
+    On an H200 (benchmarks/results/h200.md, launch sweeps): one row reads fastest as 8 output rows × 512
+    inputs a step (though every launch of one 8 MB expert matrix takes 15-25 µs: latency, not bytes);
+    2-15 rows padded to a 16-row dot beat an FMA tile of 8 rows 6× (0.019 vs 0.125 ms).
     """
     use_dot = uses_dot(m)
     if interpreting():
         return (16 if use_dot else 1), 32, 32, use_dot
     if use_dot:
         return (16 if m <= 16 else 32 if m <= 32 else 64), 64, 64, True
-    return 1, 16, 512, False
+    return 1, 8, 512, False
 
 
 def _choose_split_k(tiles: int, k_blocks: int, device: torch.device) -> int:
