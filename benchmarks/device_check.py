@@ -545,7 +545,7 @@ def graph_replay(fn, timer: BK.Timer) -> tuple[float, torch.Tensor]:
 def part_layer(run: Run, sz: Sizes, timer: BK.Timer) -> None:
     rep, c = run.rep, sz.config
     idx = c.first_k_dense_replace  # the first MoE layer
-    rep.add(f"## 3. One full-size decoder layer (layer {idx} of {c.source}: MLA + {c.n_routed_experts} INT4 experts "
+    rep.add(f"## 3. One full-size decoder layer (layer {idx} of {Path(c.source).name}: MLA + {c.n_routed_experts} INT4 experts "
             f"top-{c.num_experts_per_tok} + shared expert; random weights, bf16)")
     rep.add()
     run.progress("part 3: building the layer")
