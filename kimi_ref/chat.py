@@ -716,13 +716,17 @@ def main(argv: list[str] | None = None) -> int:
     from kimi_ref.checkpoint import CheckpointError
     from kimi_ref.config import ConfigError
     from kimi_ref.launch import LaunchError, launch
+    from kimi_ref.tokenizer import TokenizerError
 
     args = _parser().parse_args(argv)
     try:
         settings, world_size = _settings(args)
-    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError) as e:
-        print(f"kimi_ref.chat: error: {e}", file=sys.stderr)
+    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        print(f"kimi_ref.chat: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nkimi_ref.chat: interrupted", file=sys.stderr)
+        return 130
     # By module name, so spawned ranks find it even when this file runs as __main__.
     rank_main = importlib.import_module("kimi_ref.chat")._rank_main
     try:
