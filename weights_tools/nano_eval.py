@@ -68,9 +68,11 @@ def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict
                 try:
                     args = json.loads(call["function"]["arguments"])
                     record["expression"] = args["expression"]
-                    record["result"] = nano_data.calculator(args["expression"])
-                    record["ok"] = call["function"]["name"] == "calculator" and len(parsed["tool_calls"]) == 1
-                    content = record["result"]
+                    content = nano_data.calculator(args["expression"])  # "error: ..." for what it cannot evaluate
+                    evaluated = not content.startswith("error:")
+                    record["result"] = content if evaluated else None
+                    record["ok"] = (evaluated and call["function"]["name"] == "calculator"
+                                    and len(parsed["tool_calls"]) == 1)
                 except (ValueError, KeyError, TypeError) as e:
                     content = f"error: {e}"
                 calls.append(record)
