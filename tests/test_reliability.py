@@ -72,6 +72,28 @@ def test_dequantize_never_writes_into_the_checkpoint(tiny, capsys):
     assert snapshot(tiny) == before
 
 
+def test_dequantize_failing_half_way_changes_nothing(tiny, tmp_path, monkeypatch, capsys):
+    before = snapshot(tiny)
+
+    def half_written(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\x00" * 100)  # some bytes, then the disk is full
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(dequantize, "save_file", half_written)
+    out = tmp_path / "out" / "e.safetensors"
+    out.parent.mkdir()
+    assert dequantize.main([str(tiny), "--layer", "1", "--expert", "0", "--out", str(out)]) == 1
+    one_error_line(capsys.readouterr().err, str(out), "No space left on device")
+    assert snapshot(tiny) == before and list(out.parent.iterdir()) == []
+
+
+def test_verify_notes_a_shard_the_index_does_not_name(tiny, capsys):
+    shutil.copyfile(sorted(tiny.glob("*.safetensors"))[0], tiny / "model-00009-of-000009.safetensors")
+    assert verify.main([str(tiny)]) == 0  # loading ignores it, so the checkpoint is sound ...
+    out = capsys.readouterr().out
+    assert f"note: {tiny / 'model-00009-of-000009.safetensors'} is on disk but not in the index" in out  # ... but said
+
+
 def test_dequantize_out_needs_force_to_replace(tiny, tmp_path, capsys):
     out = tmp_path / "expert.safetensors"
     out.write_text("mine")
@@ -374,6 +396,14 @@ def test_non_utf8_config_is_one_line_everywhere(tiny, capsys):
                      (chat_main, ["--ckpt", str(tiny), "--prompt", "hi"])):
         assert fn(args) == 2
         one_error_line(capsys.readouterr().err, f"{tiny / 'config.json'}: not UTF-8 text")
+
+
+def test_non_utf8_tokenizer_config_is_named(tiny, capsys):
+    from kimi_ref.tokenizer import Tokenizer, TokenizerError
+
+    (tiny / "tokenizer_config.json").write_bytes(b'{"added_tokens_decoder": "\xe9"}')
+    with pytest.raises(TokenizerError, match="tokenizer_config.json is not UTF-8 text"):
+        Tokenizer.from_pretrained(tiny)
 
 
 def test_verify_scan_names_nan_and_inf_tensors(tiny, capsys):

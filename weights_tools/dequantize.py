@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from kimi_ref import int4
 from kimi_ref.checkpoint import INT4_PARTS, Checkpoint, CheckpointError, checkpoint_name, is_quantized
@@ -81,8 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"INT4 storage {human_bytes(packed_total)} vs bf16 {human_bytes(dense_total)} "
           f"({dense_total / packed_total:.2f}× smaller)")
     if args.out:
-        from safetensors.torch import save_file
-
         tensors = {k: v.contiguous() for k, v in weights.items()}
         try:
             write_file(args.out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),

@@ -22,13 +22,25 @@ from kimi_ref.config import ConfigError
 
 from ._cli import FAILURE, INTERRUPTED, OK, USAGE, fail
 
-__all__ = ["problems", "scan", "main"]
+__all__ = ["problems", "scan", "unindexed_shards", "main"]
 
 
 def problems(path: str | Path) -> tuple[Checkpoint, list[str]]:
     """(the opened checkpoint, every problem found)."""
     ckpt = Checkpoint.open(path)
     return ckpt, ckpt.problems + ckpt.check_weight_shapes()
+
+
+# Safetensors files a checkpoint may hold beside its shards (train_nano's experts before INT4).
+NOT_SHARDS = ("dense_experts.safetensors",)
+
+
+def unindexed_shards(ckpt: Checkpoint) -> list[str]:
+    """``*.safetensors`` files in the directory that the index does not name (stale, or someone else's)."""
+    if ckpt.index is None:
+        return []
+    named = set(ckpt.weight_map.values())
+    return sorted(p.name for p in ckpt.path.glob("*.safetensors") if p.name not in named and p.name not in NOT_SHARDS)
 
 
 def scan(ckpt: Checkpoint) -> list[str]:
@@ -67,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
         for p in found:
             print(f"  - {p}")
         return FAILURE
+    for stray in unindexed_shards(ckpt):
+        print(f"note: {ckpt.path / stray} is on disk but not in the index: nothing loads it "
+              "(left over from another checkpoint?)")
     mtp = f"; {len(ckpt.mtp)} multi-token-prediction tensors skipped" if ckpt.mtp else ""
     values = ", every value finite" if args.scan else ""
     print(f"{ckpt.path}: OK: all {len(ckpt.expected)} tensors match {ckpt.config.source} in "
