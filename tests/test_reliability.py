@@ -141,6 +141,26 @@ def test_an_interrupted_checkpoint_write_leaves_the_old_one_whole(tiny, tmp_path
     assert verify.main([str(tiny)]) == 0
 
 
+def test_ctrl_c_between_the_two_renames_puts_the_old_checkpoint_back(tiny, tmp_path, monkeypatch):
+    from weights_tools import safe_write
+
+    before = snapshot(tiny)
+    real = os.replace
+    renames = []
+
+    def replace_then_ctrl_c(src, dst):
+        renames.append((src, dst))
+        real(src, dst)
+        if len(renames) == 1:  # the old checkpoint is aside, the new one not yet in place
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(os, "replace", replace_then_ctrl_c)
+    with pytest.raises(KeyboardInterrupt):
+        safe_write.write_dir(tiny, lambda d: (d / "config.json").write_text("{}"), force=True)
+    monkeypatch.setattr(os, "replace", real)
+    assert snapshot(tiny) == before and leftovers(tmp_path) == []
+
+
 def test_a_failed_file_write_leaves_the_old_file(tmp_path):
     path = tmp_path / "table.md"
     path.write_text("old")

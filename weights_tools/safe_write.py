@@ -142,8 +142,9 @@ def write_dir(path: str | Path, fill: Callable[[Path], None], *, force: bool = F
               protect: Iterable[str | Path] = (), what: str = "output directory") -> Path:
     """``fill(temporary directory)`` writes every file; the directory then replaces ``path`` as a whole.
 
-    The old directory (if any, and only with ``force``) is moved aside first and deleted last, so at
-    every moment either the old or the new checkpoint is complete at ``path``.
+    The old directory (if any, and only with ``force``) is renamed aside, the new one renamed into place,
+    and the old one deleted last. A failure or Ctrl-C at any point puts the old directory back; only a
+    process killed (SIGKILL, power) between the two renames leaves it in ``.NAME.*.old/previous`` beside.
     """
     path = check_dir(path, force=force, protect=protect, what=what).absolute()
     try:
@@ -162,10 +163,12 @@ def write_dir(path: str | Path, fill: Callable[[Path], None], *, force: bool = F
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".old", dir=path.parent))
             os.replace(path, old / "previous")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:
         if old is not None and (old / "previous").exists() and not path.exists():
             os.replace(old / "previous", path)  # put the old checkpoint back
-        raise _oserror(e, path, "write the directory") from None
+        if isinstance(e, OSError):
+            raise _oserror(e, path, "write the directory") from None
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None:
