@@ -14,8 +14,15 @@ One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
     --generate.generate--> new ids, streamed one by one into tool_parsing.StreamParser
                            reasoning deltas print under [reasoning], content under [answer]
     --> assistant message {content, reasoning_content, tool_calls} appended to the history
-    tool calls? run each (built-in calculator / current time, or ask the user), append the
-    {"role": "tool"} results and generate again, up to --max-tool-rounds times.
+    tool calls? run each (kimi_ref.tools: the built-in calculator / current time, or ask the user for
+    a declared tool that is not built in), append the {"role": "tool"} results and generate again, up
+    to --max-tool-rounds times. A call is answered with an "error: ..." result instead of being run
+    when it names a tool the conversation does not declare, when the parser found it malformed, or
+    when --max-new-tokens cut the output off (then the turn ends there).
+
+--save FILE is checked before the model loads (a new file, the --load file, or --force) and written
+atomically after every turn; if a write fails the session goes on and says so (exit status 1).
+Exit status: 0, 2 for a refused command line, 1 if a --save failed, 130 for Ctrl-C under --prompt.
 
 Images (``--image PATH``, repeatable) ride with the first user message (the ``--prompt`` one, or the
 first REPL line) as content parts ``{"type": "image_url", "image_url": {"url": PATH}}`` placed before its
@@ -41,7 +48,7 @@ import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
 
