@@ -45,6 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from kimi_ref import int4  # noqa: E402
 from kimi_ref.kernels import _runtime  # noqa: E402
+from weights_tools._cli import FAILURE, USAGE, fail  # noqa: E402
+from weights_tools.safe_write import OutputError, check_file, write_text  # noqa: E402
 
 W4 = importlib.import_module("kimi_ref.kernels.w4a16")
 MOE = importlib.import_module("kimi_ref.kernels.fused_moe")
@@ -294,10 +296,16 @@ def bench_mla(rep: Report, shapes: Shapes, timer: Timer, device, use_kernel: boo
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes (CPU with TRITON_INTERPRET=1 works)")
-    parser.add_argument("--out", help="also write the markdown table to this file")
+    parser.add_argument("--out", help="also write the markdown table to this file (a new file unless --force)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an existing file")
     parser.add_argument("--iters", type=int, default=None, help="timed calls per row (default 50 GPU, 2 CPU)")
     parser.add_argument("--only", choices=["w4a16", "moe", "mla"], action="append", help="run only these sections")
     args = parser.parse_args(argv)
+    if args.out:
+        try:  # before the benchmark, not after it
+            check_file(args.out, force=args.force, what="--out")
+        except OutputError as e:
+            return fail("bench_kernels", e, USAGE)
 
     device = torch.device("cuda" if torch.cuda.is_available() and not _runtime.interpreting() else "cpu")
     shapes = SMOKE if args.smoke else FULL
@@ -335,8 +343,10 @@ def main(argv: list[str] | None = None) -> int:
             rep.add(f"{key}: FAILED ({type(err).__name__}: {err})")
             traceback.print_exc(file=sys.stderr)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text("\n".join(rep.lines) + "\n")
+        try:
+            write_text(args.out, "\n".join(rep.lines) + "\n", force=args.force, what="--out")
+        except OutputError as e:
+            return fail("bench_kernels", e, FAILURE)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 
 import torch
 
 from kimi_ref.tokenizer import KIMI_PAT_STR, Tokenizer, train_bpe
 from weights_tools import nano_data, train_nano
+from weights_tools._cli import FAILURE, USAGE, fail
 from weights_tools.make_demo_vocab import N_RANKS, build_corpus
+from weights_tools.safe_write import OutputError, check_file, write_text
 
 HELDOUT = 48
 
@@ -71,8 +74,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--lr", type=float, default=3e-3, help="the real run's (train_nano's default)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", help="also write the table (markdown) to this file")
+    parser.add_argument("--out", help="also write the table (markdown) to this file (a new file unless --force)")
+    parser.add_argument("--force", action="store_true", help="let --out replace an existing file")
     args = parser.parse_args()
+    if args.out:
+        try:  # before half an hour of training, not after
+            check_file(args.out, force=args.force, what="--out")
+        except OutputError as e:
+            sys.exit(fail("bench_nano_digits", e, USAGE))
     torch.set_num_threads(args.threads)
     config = train_nano.nano_config()
     rows = []
@@ -97,10 +106,13 @@ def main() -> None:
     table = "\n".join(lines)
     print("\n" + table)
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# kimi-nano: copying numbers, digits split vs merged\n\n"
-                    f"`python benchmarks/bench_nano_digits.py --steps {args.steps} --every {args.every} --lr {args.lr:g}`"
-                    f"\n\n{table}\n")
+        text = (f"# kimi-nano: copying numbers, digits split vs merged\n\n"
+                f"`python benchmarks/bench_nano_digits.py --steps {args.steps} --every {args.every} --lr {args.lr:g}`"
+                f"\n\n{table}\n")
+        try:
+            write_text(args.out, text, force=args.force, what="--out")
+        except OutputError as e:
+            sys.exit(fail("bench_nano_digits", e, FAILURE))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]  # a c
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="toy shapes (on a CPU: Triton's interpreter)")
-    parser.add_argument("--out", required=True, help="the markdown results file to write (not overwritten without --force)")
+    parser.add_argument("--out", required=True, help="the markdown results file to write (a new file unless --force)")
     parser.add_argument("--force", action="store_true", help="replace an existing --out file")
     parser.add_argument("--device", choices=["cuda", "cpu"], help="default: cuda when there is one")
     parser.add_argument("--budget-s", type=float, default=330.0, help="parts not yet started after this many seconds are skipped")
@@ -88,6 +88,7 @@ from kimi_ref.oracle import norms as o_norms  # noqa: E402
 from kimi_ref.oracle import rope as o_rope  # noqa: E402
 from kimi_ref.rope import RotaryEmbedding  # noqa: E402
 from weights_tools.make_tiny import TINY_VOCAB, random_tensors, write_checkpoint  # noqa: E402
+from weights_tools.safe_write import OutputError, check_file, write_text  # noqa: E402
 
 BF16, F32 = torch.bfloat16, torch.float32
 
@@ -156,9 +157,7 @@ class Run:
             return "**FAIL**: " + str(err).replace("|", "/")[:160]
 
     def save(self) -> None:
-        tmp = self.out.with_name(self.out.name + ".tmp")
-        tmp.write_text("\n".join(self.rep.lines) + "\n")
-        os.replace(tmp, self.out)
+        write_text(self.out, "\n".join(self.rep.lines) + "\n", allow_existing=True, what="--out")  # our own file
 
 
 def err_of(actual, expected, row) -> str:
@@ -826,12 +825,10 @@ def summary(run: Run) -> None:
 
 
 def main() -> int:
-    out = Path(ARGS.out)
-    if out.exists() and not ARGS.force:
-        print(f"device_check: {out} exists (pass --force to replace it)", file=sys.stderr)
-        return 2
-    if not out.parent.is_dir():
-        print(f"device_check: {out.parent} is not a directory", file=sys.stderr)
+    try:
+        out = check_file(ARGS.out, force=ARGS.force, what="--out")
+    except OutputError as err:
+        print(f"device_check: {err}", file=sys.stderr)
         return 2
     if DEVICE.type == "cuda" and not torch.cuda.is_available():
         print("device_check: --device cuda, but torch sees no CUDA device", file=sys.stderr)

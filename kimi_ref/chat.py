@@ -14,8 +14,15 @@ One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
     --generate.generate--> new ids, streamed one by one into tool_parsing.StreamParser
                            reasoning deltas print under [reasoning], content under [answer]
     --> assistant message {content, reasoning_content, tool_calls} appended to the history
-    tool calls? run each (built-in calculator / current time, or ask the user), append the
-    {"role": "tool"} results and generate again, up to --max-tool-rounds times.
+    tool calls? run each (kimi_ref.tools: the built-in calculator / current time, or ask the user for
+    a declared tool that is not built in), append the {"role": "tool"} results and generate again, up
+    to --max-tool-rounds times. A call is answered with an "error: ..." result instead of being run
+    when it names a tool the conversation does not declare, when the parser found it malformed, or
+    when --max-new-tokens cut the output off (then the turn ends there).
+
+--save FILE is checked before the model loads (a new file, the --load file, or --force) and written
+atomically after every turn; if a write fails the session goes on and says so (exit status 1).
+Exit status: 0, 2 for a refused command line, 1 if a --save failed, 130 for Ctrl-C under --prompt.
 
 Images (``--image PATH``, repeatable) ride with the first user message (the ``--prompt`` one, or the
 first REPL line) as content parts ``{"type": "image_url", "image_url": {"url": PATH}}`` placed before its
@@ -32,19 +39,16 @@ stops that generation (what was written so far is kept); Ctrl-C at the prompt on
 from __future__ import annotations
 
 import argparse
-import ast
-import datetime
 import importlib
 import json
 import math
-import operator
 import os
 import select
 import signal
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import torch
 
@@ -53,9 +57,10 @@ from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFA
                                check_context, check_sampling, expanded_length, generate, make_generator, media_rows,
                                receive_ids, send_ids, stop_ids_for)
 from kimi_ref.parallel import TP, TPError
+from kimi_ref.tools import BUILTIN_TOOLS, calculator, current_time, run_tool
 
-__all__ = ["main", "default_checkpoint", "checkpoint_tools", "calculator", "current_time", "BUILTIN_TOOLS", "load_tools",
-           "save_conversation", "load_conversation", "ChatError", "image_part", "image_source", "message_images",
+__all__ = ["main", "default_checkpoint", "checkpoint_tools", "calculator", "current_time", "BUILTIN_TOOLS", "run_tool",
+           "load_tools", "save_conversation", "load_conversation", "ChatError", "image_part", "image_source", "message_images",
            "ImageTable"]
 
 VARIANTS_WITH_PRESERVE = ("k2.6", "k2.7-code")
@@ -77,7 +82,7 @@ def default_checkpoint() -> Path:
     """
     if not (NANO_DIR / "config.json").is_file():
         raise ChatError(f"the embedded kimi-nano checkpoint is missing from {NANO_DIR} (a broken install?); "
-                        "rebuild it with `python -m weights_tools.train_nano kimi_ref/data/nano` or pass --ckpt")
+                        "rebuild it with `python -m weights_tools.train_nano kimi_ref/data/nano --force` or pass --ckpt")
     return NANO_DIR
 
 
@@ -87,74 +92,7 @@ def checkpoint_tools(ckpt: str | Path) -> list[dict]:
     return load_tools(str(path)) if path.is_file() else []
 
 
-# ---- built-in demo tools ------------------------------------------------------------------------------
-
-_BINARY = {ast.Add: operator.add, ast.Sub: operator.sub, ast.Mult: operator.mul, ast.Div: operator.truediv,
-           ast.FloorDiv: operator.floordiv, ast.Mod: operator.mod, ast.Pow: operator.pow}
-_UNARY = {ast.UAdd: operator.pos, ast.USub: operator.neg}
-_MAX_EXPONENT = 10_000       # 2 ** 10_000 is fine; 9 ** 9 ** 9 would hang the chat
-_MAX_EXPRESSION = 1_000      # characters
-
-
-def calculator(expression: str) -> str:
-    """Evaluate arithmetic (+ - * / // % ** and parentheses on numbers) by walking its AST; never ``eval``."""
-    if not isinstance(expression, str):
-        raise ChatError(f"calculator: 'expression' must be a string, found {type(expression).__name__}")
-    if len(expression) > _MAX_EXPRESSION:
-        raise ChatError(f"calculator: the expression is {len(expression)} characters, at most {_MAX_EXPRESSION}")
-    try:
-        tree = ast.parse(expression.strip(), mode="eval")
-    except SyntaxError as e:
-        raise ChatError(f"calculator: {expression!r} is not arithmetic ({e.msg})") from None
-
-    def value(node: ast.AST) -> int | float:
-        if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-            return node.value
-        if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY:
-            return _UNARY[type(node.op)](value(node.operand))
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            left, right = value(node.left), value(node.right)
-            if isinstance(node.op, ast.Pow) and abs(right) > _MAX_EXPONENT:
-                raise ChatError(f"calculator: exponent {right} is too large (at most {_MAX_EXPONENT})")
-            try:
-                return _BINARY[type(node.op)](left, right)
-            except ZeroDivisionError:
-                raise ChatError("calculator: division by zero") from None
-            except OverflowError:
-                raise ChatError("calculator: the result is too large") from None
-        raise ChatError(f"calculator: only numbers, + - * / // % ** and parentheses are allowed; "
-                        f"found {type(node).__name__} in {expression!r}")
-
-    result = value(tree.body)
-    if isinstance(result, float) and (math.isnan(result) or math.isinf(result)):
-        raise ChatError(f"calculator: {expression!r} is not a finite number")
-    return str(result)
-
-
-def current_time(timezone: str | None = None) -> str:
-    """The current time as ISO 8601, in the IANA ``timezone`` if given (e.g. "Europe/Paris"), else local."""
-    if timezone:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-        try:
-            return datetime.datetime.now(ZoneInfo(timezone)).isoformat(timespec="seconds")
-        except (ZoneInfoNotFoundError, ValueError):
-            raise ChatError(f"current_time: unknown timezone {timezone!r} (use an IANA name like 'Europe/Paris')") from None
-    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-
-
-BUILTIN_TOOLS: dict[str, tuple[Callable[..., str], dict]] = {
-    "calculator": (calculator, {"type": "function", "function": {
-        "name": "calculator", "description": "Evaluate an arithmetic expression exactly.",
-        "parameters": {"type": "object", "properties": {"expression": {
-            "type": "string", "description": "numbers with + - * / // % ** and parentheses, e.g. (17*23)+1"}},
-            "required": ["expression"]}}}),
-    "current_time": (current_time, {"type": "function", "function": {
-        "name": "current_time", "description": "The current date and time.",
-        "parameters": {"type": "object", "properties": {"timezone": {
-            "type": "string", "description": "IANA timezone, e.g. Europe/Paris; local time if omitted"}}}}}),
-}
-
+# ---- tools (the built-ins live in kimi_ref.tools: bounded, never raising) ------------------------------
 
 def load_tools(spec: str | None) -> list[dict]:
     """``--tools``: "demo" (the built-ins) or a JSON file holding a list of OpenAI tool definitions."""
@@ -167,7 +105,9 @@ def load_tools(spec: str | None) -> list[dict]:
         tools = json.loads(path.read_text(encoding="utf-8"))
     except OSError as e:
         raise ChatError(f"--tools {spec}: cannot read the file ({e.strerror})") from None
-    except json.JSONDecodeError as e:
+    except UnicodeDecodeError as e:
+        raise ChatError(f"--tools {spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ChatError(f"--tools {spec}: not valid JSON ({e})") from None
     if isinstance(tools, dict) and "tools" in tools:
         tools = tools["tools"]
@@ -181,36 +121,21 @@ def load_tools(spec: str | None) -> list[dict]:
     return tools
 
 
-def run_tool(call: dict, ask: Callable[[str], str]) -> str:
-    """The result text of one tool call: a built-in runs here, any other tool is answered by the user."""
-    name, raw = call["function"]["name"], call["function"]["arguments"]
-    if name not in BUILTIN_TOOLS:
-        return ask(f"tool {name}({raw}) — type its result: ")
-    try:
-        arguments = json.loads(raw) if raw.strip() else {}
-    except json.JSONDecodeError as e:
-        return f"error: the arguments are not valid JSON ({e.msg}): {raw!r}"
-    if not isinstance(arguments, dict):
-        return f"error: the arguments must be a JSON object, found {raw!r}"
-    fn = BUILTIN_TOOLS[name][0]
-    try:
-        return fn(**arguments)
-    except ChatError as e:
-        return f"error: {e}"
-    except TypeError as e:  # unexpected or missing argument names
-        return f"error: {name} was called with {sorted(arguments)}: {e}"
-
-
 # ---- saving (OpenAI chat format) ------------------------------------------------------------------------
 
-def save_conversation(path: str | Path, messages: list[dict], tools: list[dict] | None = None) -> None:
-    """Write ``{"messages": [...], "tools": [...]}``: OpenAI chat messages with reasoning_content and tool_calls."""
+def save_conversation(path: str | Path, messages: list[dict], tools: list[dict] | None = None, *,
+                      force: bool = False) -> None:
+    """Write ``{"messages": [...], "tools": [...]}``: OpenAI chat messages with reasoning_content and tool_calls.
+
+    Atomically (a temporary file renamed over ``path``); an existing file is replaced only with ``force``.
+    Failures raise ``weights_tools.safe_write.OutputError`` naming the path.
+    """
+    from weights_tools.safe_write import write_text
+
     data: dict[str, Any] = {"messages": messages}
     if tools:
         data["tools"] = tools
-    tmp = Path(str(path) + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_text(path, json.dumps(data, indent=2, ensure_ascii=False) + "\n", force=force, what="--save")
 
 
 def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
@@ -219,7 +144,9 @@ def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except OSError as e:
         raise ChatError(f"{path}: cannot read the conversation ({e.strerror})") from None
-    except json.JSONDecodeError as e:
+    except UnicodeDecodeError as e:
+        raise ChatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ChatError(f"{path}: not valid JSON ({e})") from None
     messages, tools = (data, []) if isinstance(data, list) else (data.get("messages"), data.get("tools") or [])
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
@@ -338,6 +265,7 @@ class Settings:
     images: list[str] = field(default_factory=list)  # --image files (absolute), for the first user message
     history: list[dict] = field(default_factory=list)
     save: str | None = None
+    force: bool = False  # --save may replace an existing file
     max_tool_rounds: int = 8
     timings: bool = True
 
@@ -398,7 +326,12 @@ class _Printer:
         kind = d["type"]
         if kind in ("reasoning", "content"):
             self._enter(kind)
-            self.out.write(d["text"])
+            if d.get("marker"):  # a control token out of place (listed in the problems): never shown as plain text
+                mark = f"⟦misplaced {d['text']}⟧"
+                self.out.write(f"{self._RESET}{self._BOLD}{mark}{self._RESET}{self._DIM if kind == 'reasoning' else ''}"
+                               if self.color else mark)
+            else:
+                self.out.write(d["text"])
         elif kind == "tool_call":
             if self.section == "tool":
                 self._leave()  # each call on its own line
@@ -430,6 +363,9 @@ class Session:
         self.generator = make_generator(settings.seed)
         self.images = images if images is not None else ImageTable(_session_images(settings), settings.ckpt)
         self.pending_images = list(settings.images)  # attached to the next user message, once
+        self.interrupted = False  # a generation was stopped by Ctrl-C (--prompt then exits 130)
+        self.malformed: dict[int, str] = {}  # the last output's calls the parser found broken: index -> why
+        self.save_failed = False
         self.messages: list[dict] = []
         self.reset()
         if settings.history:
@@ -469,20 +405,37 @@ class Session:
                 self.printer.note(f"refused: {e}")
                 return False
             self.messages.append(message)
-            self._save()
             calls = message.get("tool_calls") or []
+            if finish == "interrupted":
+                self.interrupted = True
             if finish == "interrupted" or not calls:
+                self._save()
+                return True
+            if finish != "stop":  # cut off by --max-new-tokens / the context: the calls may be incomplete
+                self.printer.note(f"(not running {len(calls)} tool call(s): the output was cut off at "
+                                  f"--max-new-tokens {self.s.max_new_tokens} / the context before it ended)")
+                self._results(calls, {i: "the output was cut off before it ended (--max-new-tokens)"
+                                      for i in range(len(calls))})
                 return True
             if rounds >= self.s.max_tool_rounds:
+                self._save()
                 self.printer.note(f"(not running these tool calls: --max-tool-rounds {self.s.max_tool_rounds} reached)")
                 return True
             rounds += 1
-            for call in calls:
-                result = run_tool(call, self._ask)
-                self.printer.note(f"[tool result] {call['id']} -> {result}")
-                self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
-                                      "content": result})
-            self._save()
+            self._results(calls, self.malformed)
+
+    def _results(self, calls: list[dict], refused: dict[int, str]) -> None:
+        """Run (or, for the indices in ``refused``, decline with the reason) each call; append the results."""
+        declared = [t["function"]["name"] for t in self.s.tools]
+        for i, call in enumerate(calls):
+            if i in refused:
+                result = f"error: not run: {refused[i]}"
+            else:
+                result = run_tool(call, self._ask, declared)
+            self.printer.note(f"[tool result] {call['id']} -> {result}")
+            self.messages.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
+                                  "content": result})
+        self._save()
 
     def _assistant(self) -> tuple[dict, str]:
         from kimi_ref.tool_parsing import StreamParser
@@ -526,6 +479,7 @@ class Session:
             message["reasoning_content"] = parsed["reasoning_content"]
         if parsed["tool_calls"]:
             message["tool_calls"] = [{k: v for k, v in c.items() if k != "valid_json"} for c in parsed["tool_calls"]]
+        self.malformed = parser.malformed_calls()
         if result.finish_reason == "stop":  # a finished answer the parser found irregular: say so
             for problem in parsed["problems"]:
                 self.printer.note(f"(output: {problem})")
@@ -562,8 +516,19 @@ class Session:
         return None if not data else data.decode("utf-8", errors="replace").rstrip("\n")
 
     def _save(self) -> None:
-        if self.s.save:
-            save_conversation(self.s.save, self.messages, self.s.tools)
+        """After every turn; a failure is shown and the session goes on (the conversation is still in memory)."""
+        from weights_tools.safe_write import OutputError
+
+        if not self.s.save:
+            return
+        try:
+            save_conversation(self.s.save, self.messages, self.s.tools, force=True)  # our own file (checked at start)
+            if self.save_failed:
+                self.printer.note(f"(saved to {self.s.save} again)")
+            self.save_failed = False
+        except OutputError as e:
+            self.save_failed = True
+            self.printer.note(f"(not saved: {e}; the conversation is kept in memory and saved again after the next turn)")
 
     def repl(self) -> None:
         interactive = self.inp.isatty()
@@ -633,9 +598,12 @@ def _rank_main(tp: TP, device: str, s: Settings) -> int:
     try:
         if s.prompt is not None:
             ok = session.user_turn(s.prompt)
-            return 0 if ok else 2
+            if session.interrupted:
+                print("(interrupted)", file=sys.stderr)
+                return 130
+            return 1 if session.save_failed else 0 if ok else 2
         session.repl()
-        return 0
+        return 1 if session.save_failed else 0
     finally:
         _command(tp, device, _EXIT)
 
@@ -662,7 +630,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions "
                    "(default: the checkpoint's tools.json, if it has one)")
     p.add_argument("--max-tool-rounds", type=int, default=8, help="tool round trips per user message")
-    p.add_argument("--save", help="write the conversation here (OpenAI format) after every turn")
+    p.add_argument("--save", help="write the conversation here (OpenAI format) after every turn; a new file, "
+                   "or the --load file, unless --force")
+    p.add_argument("--force", action="store_true", help="let --save replace an existing file")
     p.add_argument("--load", help="continue a conversation written by --save")
     p.add_argument("--no-timings", action="store_true", help="omit the per-turn token counts and speed")
     return p
@@ -710,6 +680,14 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     if args.load:
         history, saved_tools = load_conversation(args.load)
         tools = tools or saved_tools
+    if args.save:  # now, not after the first answer: a refused --save must not cost a conversation
+        from weights_tools.safe_write import OutputError, check_file
+
+        same = bool(args.load) and Path(args.load).resolve() == Path(args.save).resolve()
+        try:
+            check_file(args.save, force=args.force, protect=[ckpt], what="--save", allow_existing=same)
+        except OutputError as e:
+            raise ChatError(str(e)) from None
     images = [str(Path(p).expanduser().absolute()) for p in args.image]
     if images:
         _check_vision(checkpoint.config, ckpt, "--image")
@@ -737,7 +715,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
                         history=history,
-                        save=args.save, max_tool_rounds=args.max_tool_rounds, timings=not args.no_timings)
+                        save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds, timings=not args.no_timings)
     return settings, args.tp
 
 
@@ -745,13 +723,17 @@ def main(argv: list[str] | None = None) -> int:
     from kimi_ref.checkpoint import CheckpointError
     from kimi_ref.config import ConfigError
     from kimi_ref.launch import LaunchError, launch
+    from kimi_ref.tokenizer import TokenizerError
 
     args = _parser().parse_args(argv)
     try:
         settings, world_size = _settings(args)
-    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError) as e:
-        print(f"kimi_ref.chat: error: {e}", file=sys.stderr)
+    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        print(f"kimi_ref.chat: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("\nkimi_ref.chat: interrupted", file=sys.stderr)
+        return 130
     # By module name, so spawned ranks find it even when this file runs as __main__.
     rank_main = importlib.import_module("kimi_ref.chat")._rank_main
     try:

@@ -333,6 +333,11 @@ class Header:
     size: int
 
 
+def _count(x: Any) -> bool:
+    """An integer >= 0 (JSON's true/false are not)."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_header(path: str | Path) -> Header:
     """Parse and check a safetensors header: 8-byte little-endian length, JSON, every tensor's bytes
     inside the file. A truncated or corrupt file is a :class:`CheckpointError` naming it."""
@@ -353,15 +358,25 @@ def read_header(path: str | Path) -> Header:
     if not isinstance(entries, dict):
         raise CheckpointError(f"{path}: header is not a JSON object", str(path))
     metadata = entries.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict):
+        raise CheckpointError(f"{path}: header __metadata__ must be a JSON object of strings, found {metadata!r:.80}",
+                              str(path))
     data_size = size - 8 - n
     problems = []
     for name, info in entries.items():
         try:
             tag, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError):
-            problems.append(f"{path}: tensor '{name}': malformed header entry {info!r}")
+            problems.append(f"{path}: tensor '{name}': malformed header entry {info!r:.200}")
             continue
-        if tag not in ITEMSIZE:
+        if not (isinstance(shape, list) and all(_count(d) for d in shape)):
+            problems.append(f"{path}: tensor '{name}': shape must be a list of integers >= 0, found {shape!r:.80}")
+            continue
+        if not (_count(begin) and _count(end) and begin <= end):
+            problems.append(f"{path}: tensor '{name}': data_offsets must be [begin, end] with 0 <= begin <= end, "
+                            f"found {[begin, end]!r:.80}")
+            continue
+        if not isinstance(tag, str) or tag not in ITEMSIZE:
             problems.append(f"{path}: tensor '{name}': unknown dtype {tag!r}")
             continue
         need = math.prod(shape) * ITEMSIZE[tag]
@@ -420,8 +435,12 @@ class Checkpoint:
             raise CheckpointError(f"{path}: both {SINGLE_FILE} and {INDEX_FILE} exist; which one is the checkpoint?")
         if index_path.is_file():
             try:
-                index = json.loads(index_path.read_text())
-            except json.JSONDecodeError as e:
+                index = json.loads(index_path.read_bytes().decode("utf-8"))
+            except OSError as e:
+                raise CheckpointError(f"{index_path}: cannot read the file ({e.strerror or e})") from None
+            except UnicodeDecodeError as e:
+                raise CheckpointError(f"{index_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+            except (json.JSONDecodeError, RecursionError) as e:
                 raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
@@ -590,11 +609,34 @@ def _other_form_hint(name: str, names: Any) -> str:
 
 def _torch_dtype(config: KimiConfig, dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
+        if not dtype.is_floating_point or dtype.itemsize < 2:  # int8, bool, float8: the model computes in floats
+            raise CheckpointError(f"dtype {dtype} cannot hold the model's weights; use torch.bfloat16, torch.float16, "
+                                  "torch.float32 or torch.float64")
         return dtype
     name = dtype if dtype is not None else (config.dtype or "bfloat16")
     if name not in _CONFIG_DTYPES and name not in ("float64",):
         raise CheckpointError(f"unknown dtype {name!r}; use a torch dtype or one of {sorted(_CONFIG_DTYPES)}")
     return getattr(torch, name)
+
+
+def _torch_device(device: Any) -> torch.device:
+    """``device`` as a torch.device this machine has, or a CheckpointError saying what is available."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise CheckpointError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
+    if dev.type == "meta":
+        raise CheckpointError("device 'meta' holds no values; load onto 'cpu' or 'cuda'")
+    if dev.type != "cpu":
+        backend = getattr(torch, dev.type, None)
+        available = getattr(backend, "is_available", None)
+        if available is None or not available():
+            raise CheckpointError(f"device {device!r}: torch has no {dev.type} device on this machine; use 'cpu'"
+                                  + (" or 'cuda'" if torch.cuda.is_available() else ""))
+        count = getattr(backend, "device_count", lambda: 1)()
+        if dev.index is not None and dev.index >= count:
+            raise CheckpointError(f"device {device!r}: this machine has {count} {dev.type} device(s)")
+    return dev
 
 
 def _progress(items: list[str], enabled: bool, desc: str) -> Any:
@@ -696,6 +738,7 @@ def load_model(
     """
     from .model import KimiForCausalLM
 
+    device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     ckpt.raise_if_problems()
     config = ckpt.config
@@ -736,6 +779,7 @@ def load_layer(
     """
     from .model import DecoderLayer
 
+    device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     config = ckpt.config
     if not 0 <= layer < config.num_hidden_layers:

@@ -623,11 +623,16 @@ class KimiConfig:
             # noaux_tc/sigmoid routing on every layer past the dense prefix. Only then may they be absent.
             return value if written_by_hf else _MISSING
 
-        def ids(key: str, reader: _Reader = text) -> Any:
-            # Token ids may sit at the top level, in text_config, or both.
+        def ids(key: str, reader: _Reader = text, many: bool = False) -> Any:
+            # Token ids may sit at the top level, in text_config, or both; only eos may list several.
             src = reader if reader.has(key) else top
-            value = src.get(key, (int, list), None, nullable=True)
-            return tuple(value) if isinstance(value, list) else value
+            value = src.get(key, (int, list) if many else int, None, nullable=True)
+            if isinstance(value, list):
+                if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise ConfigError(f"{src.source}: '{src._name(key)}' must be a token id or a non-empty list of "
+                                      f"token ids, found {value!r:.80}")
+                return tuple(value)
+            return value
 
         dtype = text.get("dtype", str, None, nullable=True) or text.get("torch_dtype", str, None, nullable=True) \
             or top.get("dtype", str, None, nullable=True) or top.get("torch_dtype", str, None, nullable=True)
@@ -667,7 +672,7 @@ class KimiConfig:
             routed_scaling_factor=text.get("routed_scaling_factor", float),
             rms_norm_eps=text.get("rms_norm_eps", float),
             bos_token_id=ids("bos_token_id"),
-            eos_token_id=ids("eos_token_id"),
+            eos_token_id=ids("eos_token_id", many=True),
             pad_token_id=ids("pad_token_id"),
             media_placeholder_token_id=top.get("media_placeholder_token_id", int, None, nullable=True),
             tie_word_embeddings=text.get("tie_word_embeddings", bool, top.get("tie_word_embeddings", bool, False)),
@@ -829,8 +834,12 @@ _TOP_KEYS = (
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a config.json is UTF-8 JSON") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise ConfigError(f"{path}: not valid JSON: {e}") from None
 
 

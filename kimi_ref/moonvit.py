@@ -44,7 +44,7 @@ import re
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, NamedTuple, Sequence, Union
+from typing import Any, Callable, NamedTuple, Sequence, Union
 
 import numpy as np
 import torch
@@ -93,6 +93,25 @@ def default_media_config() -> MediaConfig:
     return MediaConfig.from_dict(json.loads(path.read_text()), str(path))
 
 
+MAX_IMAGE_PIXELS = 1 << 26  # 8192 × 8192: far beyond what MoonViT keeps (it shrinks to in_patch_limit), not a bomb
+
+
+def _decode(source: Any, what: str) -> Image.Image:
+    """Open and decode foreign bytes; every way they can be broken is a ValueError naming ``what``."""
+    try:
+        img = Image.open(source)
+        if img.width * img.height > MAX_IMAGE_PIXELS:
+            raise ValueError(f"{what} is {img.width}×{img.height} pixels; at most {MAX_IMAGE_PIXELS} pixels are read")
+        img.load()
+    except ValueError as e:
+        if str(e).startswith(what):
+            raise
+        raise ValueError(f"{what} is not an image Pillow can read ({e})") from None
+    except Exception as e:  # noqa: BLE001 - corrupt files raise OSError, SyntaxError, EOFError, struct.error, ...
+        raise ValueError(f"{what} is not an image Pillow can read ({type(e).__name__}: {e})") from None
+    return img
+
+
 def load_image(image: ImageLike, what: str = "image") -> Image.Image:
     """A PIL image, a path, encoded bytes or an HxW(x3) uint8 array -> an RGB PIL image.
 
@@ -104,20 +123,12 @@ def load_image(image: ImageLike, what: str = "image") -> Image.Image:
         img = image
     elif isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
-        try:
-            img = Image.open(io.BytesIO(data))
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{what}: {len(data)} bytes are not an image Pillow can read ({e})") from None
+        img = _decode(io.BytesIO(data), f"{what}: {len(data)} bytes")
     elif isinstance(image, (str, os.PathLike)):
         path = Path(image)
         if not path.is_file():
             raise FileNotFoundError(f"{what}: no image file at {path}")
-        try:
-            img = Image.open(path)
-            img.load()
-        except (UnidentifiedImageError, OSError, SyntaxError) as e:
-            raise ValueError(f"{what}: {path} is not an image Pillow can read ({e})") from None
+        img = _decode(path, f"{what}: {path}")
     elif isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ValueError(f"{what}: an array must be uint8 [H, W], [H, W, 3] or [H, W, 4], "

@@ -698,8 +698,12 @@ class Tokenizer:
             config = json.loads(config_path.read_text(encoding="utf-8"))
         except OSError as exc:
             raise TokenizerError(f"cannot read {config_path}: {exc}") from None
-        except json.JSONDecodeError as exc:
+        except UnicodeDecodeError as exc:
+            raise TokenizerError(f"{config_path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise TokenizerError(f"{config_path} is not valid JSON: {exc}") from None
+        if not isinstance(config, dict):
+            raise TokenizerError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
         names: dict[int, str] = {}
         for key, entry in (config.get("added_tokens_decoder") or {}).items():
             content = entry.get("content") if isinstance(entry, dict) else None

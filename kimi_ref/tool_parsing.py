@@ -39,7 +39,10 @@ one code path and agree for every way of cutting the stream):
   arrives as ordinary text tokens and stays text. On **text**, the marker strings are all we have.
   TINKER's singular ``<|tool_call_section_begin|>``/``…_end|>`` spelling is accepted in text.
 
-Nothing is dropped silently: every irregularity is a line in ``result["problems"]``.
+Nothing is dropped silently: every irregularity is a line in ``result["problems"]``. A marker where the
+grammar gives it no meaning (a second ``</think>``, a ``<|tool_call_end|>`` in the content) is kept as
+text, listed in ``problems``, and its delta carries ``"marker": True`` so a display can show it marked.
+:meth:`StreamParser.malformed_calls` names the calls that must not be run (cut off, unclosed, bad JSON).
 """
 
 from __future__ import annotations
@@ -144,6 +147,7 @@ class StreamParser:
         self._after_stop: list[str] = []
         self._truncated = False
         self._problems: list[str] = []
+        self._broken: dict[int, str] = {}  # call index -> why it must not be run
         self._finished = False
         self._deltas: list[dict[str, Any]] = []
 
@@ -193,6 +197,11 @@ class StreamParser:
             "truncated": self._truncated,
             "problems": list(self._problems),
         }
+
+    def malformed_calls(self) -> dict[int, str]:
+        """{call index: why} for the calls that are not whole: cut off, not closed, no arguments marker,
+        an empty id or arguments that are not JSON. A chat reports these instead of running them."""
+        return dict(self._broken)
 
     # ---- lexing: chunks -> marker / text pieces ----
     def _set_mode(self, mode: str) -> None:
@@ -246,17 +255,18 @@ class StreamParser:
             self._text(self._utf8.decode(self.tokenizer.decode_bytes(run)))
 
     # ---- the grammar ----
-    def _text(self, text: str) -> None:
+    def _text(self, text: str, marker: bool = False) -> None:
         if not text:
             return
         self._started = True
         state = self._state
+        flag = {"marker": True} if marker else {}
         if state == _REASONING:
             self._reasoning.append(text)  # type: ignore[union-attr]
-            self._deltas.append({"type": "reasoning", "text": text})
+            self._deltas.append({"type": "reasoning", "text": text, **flag})
         elif state in (_CONTENT, _AFTER_SECTION):
             self._content.append(text)
-            self._deltas.append({"type": "content", "text": text})
+            self._deltas.append({"type": "content", "text": text, **flag})
         elif state == _SECTION:
             self._stray.append(text)
         elif state == _CALL_ID:
@@ -265,6 +275,17 @@ class StreamParser:
             self._arguments(text)
         else:
             self._after_stop.append(text)
+
+    def _misplaced(self, symbol: str) -> None:
+        """A marker the grammar gives no meaning here: kept as text (nothing lost), and reported."""
+        where = self._state if self._state not in (_CALL_ID, _CALL_ARGS) else f"{self._state} of call {len(self._calls)}"
+        self._problems.append(f"{symbol} in the {where}, where it means nothing: kept as text")
+        if self._state == _CALL_ID:
+            self._id_text.append(symbol)
+        elif self._state == _CALL_ARGS:
+            self._arguments(symbol)
+        else:
+            self._text(symbol, marker=True)
 
     def _marker(self, symbol: str) -> None:
         first = not self._started
@@ -292,14 +313,14 @@ class StreamParser:
             elif symbol == SECTION_BEGIN:  # a tool call ends the reasoning even without </think>
                 self._state = _SECTION
             else:
-                self._text(symbol)
+                self._misplaced(symbol)
         elif state in (_CONTENT, _AFTER_SECTION):
             if symbol == SECTION_BEGIN:
                 if state == _AFTER_SECTION:
                     self._problems.append("a second tool-call section: its calls are added to the first's")
                 self._state = _SECTION
             else:
-                self._text(symbol)
+                self._misplaced(symbol)
         elif state == _SECTION:
             self._check_stray()
             if symbol == CALL_BEGIN:
@@ -316,10 +337,11 @@ class StreamParser:
                 self._open_call()
                 self._problems.append(f"tool call {len(self._calls) - 1} ({self._calls[-1]['id']!r}) has no "
                                       f"{ARGUMENT_BEGIN}; its arguments are empty")
+                self._broken.setdefault(len(self._calls) - 1, f"it has no {ARGUMENT_BEGIN}")
                 self._end_call()
                 self._after_call(symbol)
             else:
-                self._id_text.append(symbol)
+                self._misplaced(symbol)
         elif state == _CALL_ARGS:
             if symbol == CALL_END:
                 self._end_call()
@@ -327,10 +349,11 @@ class StreamParser:
             elif symbol in (CALL_BEGIN, SECTION_END):
                 self._problems.append(f"tool call {len(self._calls) - 1} ({self._calls[-1]['id']!r}) is not "
                                       f"closed by {CALL_END}")
+                self._broken.setdefault(len(self._calls) - 1, f"it is not closed by {CALL_END}")
                 self._end_call()
                 self._after_call(symbol)
             else:
-                self._arguments(symbol)  # e.g. a real </think> token inside the arguments: kept as text
+                self._misplaced(symbol)  # e.g. a real </think> token inside the arguments: kept as text
 
     def _after_call(self, symbol: str) -> None:
         """A call was cut short by ``symbol``: carry on as the section would."""
@@ -349,6 +372,7 @@ class StreamParser:
         index = len(self._calls)
         if not call_id:
             self._problems.append(f"tool call {index} has an empty id")
+            self._broken.setdefault(index, "its id is empty")
         elif not _INDEX_RE.match(call_id):
             self._problems.append(f"tool call {index} id {call_id!r} has no ':index' suffix")
         self._calls.append({"id": call_id, "name": function_name(call_id), "arguments": "", "valid_json": False})
@@ -378,6 +402,7 @@ class StreamParser:
             call["valid_json"] = True
         except ValueError:
             call["valid_json"] = False
+            self._broken.setdefault(len(self._calls) - 1, "its arguments are not valid JSON")
             self._problems.append(f"tool call {len(self._calls) - 1} ({call['id']!r}): arguments are not valid "
                                   f"JSON, returned raw: {call['arguments'][:80]!r}")
         self._args_text, self._args_started, self._args_blank = [], False, ""
@@ -387,10 +412,10 @@ class StreamParser:
         self._problems.append(why)
         if self._state == _SECTION:
             self._check_stray()
-        elif self._state == _CALL_ID:
-            self._open_call()
-            self._end_call()
-        elif self._state == _CALL_ARGS:
+        elif self._state in (_CALL_ID, _CALL_ARGS):
+            if self._state == _CALL_ID:
+                self._open_call()
+            self._broken[len(self._calls) - 1] = "the output ended before the call did"
             self._end_call()
 
     def _take_deltas(self) -> list[dict[str, Any]]:

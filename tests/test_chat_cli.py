@@ -436,8 +436,7 @@ def test_calculator_agrees_with_python_arithmetic(expression):
     try:
         expected = eval(compile(ast.parse(expression, mode="eval"), "<test>", "eval"), {"__builtins__": {}})
     except ZeroDivisionError:
-        with pytest.raises(ChatError, match="division by zero"):
-            calculator(expression)
+        assert calculator(expression) == "error: calculator: division by zero"
         return
     assert calculator(expression) == str(expected)
 
@@ -446,23 +445,22 @@ def test_calculator_agrees_with_python_arithmetic(expression):
     ("__import__('os').system('true')", "only numbers"),
     ("x + 1", "only numbers"),
     ("(1).real", "only numbers"),
-    ("2 ** 100000", "exponent 100000 is too large"),
+    ("2 ** 100000", "result too large"),
     ("1 +", "is not arithmetic"),
     ("'a' * 3", "only numbers"),
     ("1e308 * 10", "not a finite number"),
     ("1" * 2000, "at most 1000"),
 ])
 def test_calculator_refuses_everything_else(expression, message):
-    with pytest.raises(ChatError, match=message):
-        calculator(expression)
+    result = calculator(expression)  # a result the model reads, never an exception
+    assert result.startswith("error: calculator: ") and message in result, result
 
 
 def test_current_time():
     now = datetime.datetime.fromisoformat(current_time())
     assert now.tzinfo is not None and abs((now - datetime.datetime.now().astimezone()).total_seconds()) < 60
     assert datetime.datetime.fromisoformat(current_time("UTC")).utcoffset() == datetime.timedelta(0)
-    with pytest.raises(ChatError, match="unknown timezone 'Mars/Base'"):
-        current_time("Mars/Base")
+    assert current_time("Mars/Base").startswith("error: current_time: unknown timezone 'Mars/Base'")
 
 
 def test_run_tool_reports_errors_to_the_model():

@@ -44,7 +44,7 @@ def test_refuses_to_overwrite_and_full_shapes_without_gpu(tmp_path):
     out = tmp_path / "r.md"
     out.write_text("keep me")
     done = _run("--quick", "--device", "cpu", "--out", str(out))
-    assert done.returncode == 2 and "exists" in done.stderr and out.read_text() == "keep me"
+    assert done.returncode == 2 and "already exists" in done.stderr and out.read_text() == "keep me"
     done = _run("--device", "cpu", "--out", str(tmp_path / "full.md"))
     assert done.returncode == 2 and "--quick" in done.stderr and not (tmp_path / "full.md").exists()
 

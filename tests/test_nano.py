@@ -32,8 +32,7 @@ def test_calculator(expression, value):
 @pytest.mark.parametrize("expression", ["__import__('os').system('true')", "2**100000", "a+1", "1/0", "", "1+",
                                         "[1]*9", "'a'*3"])
 def test_calculator_refuses(expression):
-    with pytest.raises(ValueError, match="calculator"):
-        nano_data.calculator(expression)
+    assert nano_data.calculator(expression).startswith("error: calculator: ")  # told to the model, never raised
 
 
 @given(st.integers(-10**6, 10**6), st.sampled_from("+-*"), st.integers(-10**6, 10**6))

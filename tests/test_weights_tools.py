@@ -104,7 +104,7 @@ def test_inspect_reports_problems(tiny, tmp_path, capsys):
     path = tmp_path / "c"
     shutil.copytree(tiny, path)
     (path / "model-00005-of-000006.safetensors").unlink()
-    assert inspect.main([str(path)]) == 0
+    assert inspect.main([str(path)]) == 1  # it printed the summary, and says the checkpoint is not sound
     assert "problem(s) found in the index/headers: run python -m weights_tools.verify" in capsys.readouterr().out
     assert inspect.main([str(tmp_path / "nowhere")]) == 2
     assert "not a directory" in capsys.readouterr().err

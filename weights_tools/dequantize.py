@@ -2,7 +2,8 @@
 
 Reads only that expert's nine tensors (``…experts.E.{gate,up,down}_proj.weight_{packed,scale,shape}``),
 dequantizes ``W = q · scale`` with ``kimi_ref.int4`` and prints shapes and statistics; with
-``--out FILE`` it also writes ``{gate,up,down}_proj.weight`` (bf16) to a safetensors file.
+``--out FILE`` it also writes ``{gate,up,down}_proj.weight`` (bf16) to a safetensors file (a new file
+outside the checkpoint; ``--force`` replaces an existing one; see :mod:`weights_tools.safe_write`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,15 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from kimi_ref import int4
 from kimi_ref.checkpoint import INT4_PARTS, Checkpoint, CheckpointError, checkpoint_name, is_quantized
 from kimi_ref.config import ConfigError
 
+from ._cli import FAILURE, INTERRUPTED, USAGE, fail
 from ._format import human_bytes
+from .safe_write import OutputError, check_file, write_file
 
 __all__ = ["dequantize_expert", "main"]
 
@@ -55,13 +59,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", help="checkpoint directory")
     parser.add_argument("--layer", type=int, required=True, help="decoder layer (a MoE layer)")
     parser.add_argument("--expert", type=int, required=True, help="routed expert index")
-    parser.add_argument("--out", help="write the bf16 weights to this safetensors file")
+    parser.add_argument("--out", help="write the bf16 weights to this safetensors file (never inside DIR)")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     args = parser.parse_args(argv)
     try:
+        if args.out:
+            check_file(args.out, force=args.force, protect=[args.dir], what="--out")
         weights = dequantize_expert(args.dir, args.layer, args.expert)
-    except (CheckpointError, ConfigError, int4.Int4Error, OSError) as e:
-        print(f"dequantize: error: {e}", file=sys.stderr)
-        return 2
+    except (CheckpointError, ConfigError, int4.Int4Error, OSError, OutputError) as e:
+        return fail("dequantize", e, USAGE)
+    except KeyboardInterrupt:
+        return fail("dequantize", "before anything was written", INTERRUPTED)
     packed_total = 0
     for name, w in weights.items():
         out_f, in_f = w.shape
@@ -74,9 +82,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"INT4 storage {human_bytes(packed_total)} vs bf16 {human_bytes(dense_total)} "
           f"({dense_total / packed_total:.2f}× smaller)")
     if args.out:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in weights.items()}, args.out, metadata={"format": "pt"})
+        tensors = {k: v.contiguous() for k, v in weights.items()}
+        try:
+            write_file(args.out, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}),
+                       force=args.force, protect=[args.dir], what="--out")
+        except OutputError as e:
+            return fail("dequantize", e, FAILURE)
+        except KeyboardInterrupt:
+            return fail("dequantize", f"{args.out} was not written", INTERRUPTED)
         print(f"wrote {args.out}")
     return 0
 

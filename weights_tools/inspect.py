@@ -2,7 +2,7 @@
 
 Prints the layout, layers and experts, the dtypes, the bytes per component (routed experts, attention,
 embeddings, …) and what each shard holds. It never reads tensor data, so it takes a second on the
-595 GB checkpoint. Problems found on the way are counted; ``weights_tools.verify`` lists them.
+595 GB checkpoint. Problems found on the way are counted (exit status 1); ``weights_tools.verify`` lists them.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from pathlib import Path
 from kimi_ref.checkpoint import ITEMSIZE, Checkpoint, CheckpointError, component, flat_name, is_mtp
 from kimi_ref.config import ConfigError
 
+from ._cli import FAILURE, INTERRUPTED, OK, USAGE, fail
 from ._format import human_bytes, ranges, table
 
 __all__ = ["summary", "main"]
@@ -26,7 +27,10 @@ _ORDER = ("routed_experts", "shared_experts", "router", "dense_mlp", "attention"
 
 def summary(path: str | Path) -> str:
     """The report ``inspect`` prints."""
-    ckpt = Checkpoint.open(path)
+    return _report(Checkpoint.open(path))
+
+
+def _report(ckpt: Checkpoint) -> str:
     cfg = ckpt.config
     lines = [f"checkpoint {ckpt.path}"]
     lines.append(f"  config: {cfg.layout} layout (model_type {cfg.model_type!r}, text {cfg.text_model_type!r}), "
@@ -101,11 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
     args = parser.parse_args(argv)
     try:
-        print(summary(args.dir))
+        ckpt = Checkpoint.open(args.dir)
+        print(_report(ckpt))
     except (CheckpointError, ConfigError, OSError) as e:
-        print(f"inspect: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return fail("inspect", e, USAGE)
+    except KeyboardInterrupt:
+        return fail("inspect", "stopped", INTERRUPTED)
+    return FAILURE if ckpt.problems else OK
 
 
 if __name__ == "__main__":

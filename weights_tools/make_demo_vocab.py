@@ -22,8 +22,11 @@ import random
 import sys
 from pathlib import Path
 
-from kimi_ref.tokenizer import (KIMI_PAT_STR, KIMI_SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS, save_ranks,
-                                train_bpe)
+from kimi_ref.tokenizer import (KIMI_PAT_STR, KIMI_SPECIAL_TOKENS, NUM_RESERVED_SPECIAL_TOKENS, TokenizerError,
+                                save_ranks, train_bpe)
+
+from ._cli import FAILURE, INTERRUPTED, USAGE, fail
+from .safe_write import OutputError, check_file, write_file, write_text
 
 N_RANKS = 3840      # + 256 special slots = 4096 ids, a round embedding size for the tiny models
 SEED = 20260101
@@ -585,25 +588,47 @@ def tokenizer_config(n_ranks: int) -> dict:
     }
 
 
-def make_demo_vocab(out_dir: str | Path, *, n_ranks: int = N_RANKS, seed: int = SEED) -> dict[bytes, int]:
-    """Train on :func:`build_corpus` and write ``tiktoken.model`` + ``tokenizer_config.json``."""
+def make_demo_vocab(out_dir: str | Path, *, n_ranks: int = N_RANKS, seed: int = SEED, force: bool = False) -> dict[bytes, int]:
+    """Train on :func:`build_corpus` and write ``tiktoken.model`` + ``tokenizer_config.json`` (each atomically;
+    existing files are replaced only with ``force``)."""
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _check_outputs(out_dir, force)
     # Digits are never merged (see train_bpe): kimi-nano copies numbers digit by digit (chapter 13).
     ranks = train_bpe(build_corpus(seed), n_ranks, pat_str=KIMI_PAT_STR, split_digits=True)
-    save_ranks(ranks, out_dir / "tiktoken.model")
+    write_file(out_dir / "tiktoken.model", lambda tmp: save_ranks(ranks, tmp), force=force)
     text = json.dumps(tokenizer_config(len(ranks)), indent=2, ensure_ascii=False) + "\n"
-    (out_dir / "tokenizer_config.json").write_text(text, encoding="utf-8", newline="\n")
+    write_text(out_dir / "tokenizer_config.json", text, force=force)
     return ranks
 
 
+def _check_outputs(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise OutputError(f"{out_dir}: exists and is not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputError(f"{out_dir}: cannot create the directory ({e.strerror or e})") from None
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        check_file(out_dir / name, force=force)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m weights_tools.make_demo_vocab", description=__doc__.splitlines()[0])
     parser.add_argument("out_dir", help="where to write tiktoken.model and tokenizer_config.json")
     parser.add_argument("--ranks", type=int, default=N_RANKS, help=f"BPE ranks incl. the 256 bytes (default {N_RANKS})")
     parser.add_argument("--seed", type=int, default=SEED)
+    parser.add_argument("--force", action="store_true", help="replace existing tokenizer files in OUT_DIR")
     args = parser.parse_args(argv)
-    ranks = make_demo_vocab(args.out_dir, n_ranks=args.ranks, seed=args.seed)
+    try:
+        _check_outputs(Path(args.out_dir), args.force)
+    except OutputError as e:
+        return fail("make_demo_vocab", e, USAGE)
+    try:
+        ranks = make_demo_vocab(args.out_dir, n_ranks=args.ranks, seed=args.seed, force=args.force)
+    except (OutputError, TokenizerError) as e:
+        return fail("make_demo_vocab", e, FAILURE)
+    except KeyboardInterrupt:
+        return fail("make_demo_vocab", "stopped; nothing was replaced", INTERRUPTED)
     print(f"wrote {args.out_dir}/tiktoken.model ({len(ranks)} ranks) and tokenizer_config.json "
           f"(n_vocab {len(ranks) + NUM_RESERVED_SPECIAL_TOKENS})")
     return 0

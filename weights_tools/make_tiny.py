@@ -42,6 +42,9 @@ from kimi_ref import int4
 from kimi_ref.checkpoint import INDEX_FILE, ITEMSIZE, expected_tensors, flat_name, is_quantized
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 
+from ._cli import FAILURE, INTERRUPTED, USAGE, fail
+from .safe_write import OutputError, check_dir, write_dir
+
 __all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "make_tiny", "write_checkpoint", "checkpoint_tensors",
            "random_tensors",
            "tiny_checkpoint", "shard_plan", "main"]
@@ -147,43 +150,49 @@ def random_tensors(config: KimiConfig, seed: int = 0) -> dict[str, torch.Tensor]
 
 def make_tiny(out: str | Path, layout: str = "kimi_k25", seed: int = 0, *, force: bool = False,
               tokenizer: bool = True) -> Path:
-    """Write the tiny checkpoint into directory ``out`` (created; must be empty unless ``force``)."""
+    """Write the tiny checkpoint as directory ``out`` (created; if it exists it must be empty, or
+    ``force`` replaces the checkpoint in it as a whole)."""
     config = tiny_checkpoint_config(layout)
-    _check_out(Path(out), force)
+    check_dir(out, force=force)
     return write_checkpoint(out, config, random_tensors(config, seed), force=force, tokenizer=tokenizer)
 
 
-def _check_out(out: Path, force: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise MakeTinyError(f"{out}: exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise MakeTinyError(f"{out}: directory is not empty (pass --force to overwrite the checkpoint files in it)")
-
-
 def write_checkpoint(out: str | Path, config: KimiConfig, tensors: dict[str, torch.Tensor], *, force: bool = False,
-                     tokenizer: bool = True) -> Path:
+                     tokenizer: bool = True, extra: Callable[[Path], None] | None = None) -> Path:
     """Write ``tensors`` ({stored name: tensor}, exactly ``expected_tensors(config)``) as a checkpoint
     directory in the real layout: shards split as :func:`shard_plan`, the index, ``config.json``, the
     demo tokenizer (``tokenizer``) and, with vision, ``preprocessor_config.json``. Also used by
-    ``weights_tools.train_nano`` for trained weights."""
+    ``weights_tools.train_nano`` for trained weights; ``extra(directory)`` adds its own files.
+
+    The directory is built under a temporary name and renamed into place (:mod:`weights_tools.safe_write`):
+    an interrupted write leaves the old checkpoint whole, and ``force`` leaves no stale shard behind."""
     out = Path(out)
-    _check_out(out, force)
+    check_dir(out, force=force)
     expected = expected_tensors(config)
     missing = sorted(set(expected) - set(tensors))
-    extra = sorted(set(tensors) - set(expected))
+    unexpected = sorted(set(tensors) - set(expected))
     wrong = [f"{n}: {t.dtype} {list(t.shape)}, expected {expected[n][1]} {list(expected[n][0])}"
              for n, t in tensors.items() if n in expected
              and (tuple(t.shape) != expected[n][0] or t.element_size() != ITEMSIZE[expected[n][1]])]
-    if missing or extra or wrong:
-        raise MakeTinyError(f"tensors do not match {config.source}: missing {missing[:5]}, unexpected {extra[:5]}, "
+    if missing or unexpected or wrong:
+        raise MakeTinyError(f"tensors do not match {config.source}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                             f"wrong {wrong[:5]}")
     sources = [DATA / "tokenizer" / f for f in TOKENIZER_FILES] if tokenizer else []
     absent = [str(p) for p in sources if not p.is_file()]
     if absent:
         raise MakeTinyError(f"demo tokenizer file(s) missing: {absent} (they ship with kimi_ref in kimi_ref/data/tokenizer/)")
-    out.mkdir(parents=True, exist_ok=True)
 
-    groups = shard_plan(config, list(expected))  # the same order whatever order the dict came in
+    def fill(directory: Path) -> None:
+        _write_files(directory, config, tensors, list(expected), sources)
+        if extra is not None:
+            extra(directory)
+
+    return write_dir(out, fill, force=force)
+
+
+def _write_files(out: Path, config: KimiConfig, tensors: dict[str, torch.Tensor], names: list[str],
+                 sources: list[Path]) -> None:
+    groups = shard_plan(config, names)  # the same order whatever order the dict came in
     weight_map: dict[str, str] = {}
     total = 0
     for i, group in enumerate(groups, start=1):
@@ -201,7 +210,6 @@ def write_checkpoint(out: str | Path, config: KimiConfig, tensors: dict[str, tor
         shutil.copyfile(src, out / src.name)
     if config.vision is not None:
         shutil.copyfile(DATA / "configs" / "kimi_k25_preprocessor_config.json", out / "preprocessor_config.json")
-    return out
 
 
 def _cache_root() -> Path:
@@ -244,18 +252,24 @@ def tiny_checkpoint(layout: str = "kimi_k25", seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.make_tiny", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output directory (created; must be empty unless --force)")
+    parser.add_argument("out", help="output directory (created; must be empty unless --force, which replaces "
+                                    "the checkpoint there as a whole)")
     parser.add_argument("--layout", default="kimi_k25", choices=sorted(LAYOUTS),
                         help="kimi_k25: nested config, language_model.* names, vision (K2.5/K2.7-Code); "
                              "flat: model.* names, no vision (K2-Thinking)")
     parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default 0)")
-    parser.add_argument("--force", action="store_true", help="write into a non-empty directory")
+    parser.add_argument("--force", action="store_true", help="replace the checkpoint in a non-empty directory")
     args = parser.parse_args(argv)
     try:
+        check_dir(args.out, force=args.force)
+    except OutputError as e:
+        return fail("make_tiny", e, USAGE)
+    try:
         out = make_tiny(args.out, args.layout, args.seed, force=args.force)
-    except MakeTinyError as e:
-        print(f"make_tiny: error: {e}", file=sys.stderr)
-        return 2
+    except (MakeTinyError, OutputError) as e:
+        return fail("make_tiny", e, FAILURE)
+    except KeyboardInterrupt:
+        return fail("make_tiny", "interrupted; the output directory was left as it was", INTERRUPTED)
     index = json.loads((out / INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
     print(f"wrote {out}: {len(index['weight_map'])} tensors in {len(shards)} shards, "

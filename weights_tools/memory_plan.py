@@ -36,6 +36,7 @@ from kimi_ref.checkpoint import ITEMSIZE, component, rank_tensors
 from kimi_ref.config import ConfigError, KimiConfig, load_config
 from kimi_ref.parallel import TP, TPError, validate_tp
 
+from ._cli import INTERRUPTED, USAGE, fail
 from ._format import gib, human_bytes, table
 
 __all__ = ["GPUS", "MemoryPlan", "plan", "weight_bytes", "kv_bytes_per_token", "max_context", "main"]
@@ -185,8 +186,9 @@ def main(argv: list[str] | None = None) -> int:
         context = args.context if args.context is not None else config.max_position_embeddings
         print(plan(config, args.tp, context, args.batch, args.chunk).report())
     except (ConfigError, TPError, ValueError, OSError) as e:
-        print(f"memory_plan: error: {e}", file=sys.stderr)
-        return 2
+        return fail("memory_plan", e, USAGE)
+    except KeyboardInterrupt:
+        return fail("memory_plan", "stopped", INTERRUPTED)
     return 0
 
 

@@ -68,9 +68,11 @@ def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict
                 try:
                     args = json.loads(call["function"]["arguments"])
                     record["expression"] = args["expression"]
-                    record["result"] = nano_data.calculator(args["expression"])
-                    record["ok"] = call["function"]["name"] == "calculator" and len(parsed["tool_calls"]) == 1
-                    content = record["result"]
+                    content = nano_data.calculator(args["expression"])  # "error: ..." for what it cannot evaluate
+                    evaluated = not content.startswith("error:")
+                    record["result"] = content if evaluated else None
+                    record["ok"] = (evaluated and call["function"]["name"] == "calculator"
+                                    and len(parsed["tool_calls"]) == 1)
                 except (ValueError, KeyError, TypeError) as e:
                     content = f"error: {e}"
                 calls.append(record)
@@ -148,13 +150,26 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dense", action="store_true",
                         help="grade the model before INT4: its experts from dense_experts.safetensors")
     args = parser.parse_args(argv)
-    from kimi_ref.chat import default_checkpoint
+    from kimi_ref.chat import ChatError, default_checkpoint
+    from kimi_ref.checkpoint import CheckpointError
+    from kimi_ref.config import ConfigError
+    from kimi_ref.tokenizer import TokenizerError
+    from weights_tools._cli import INTERRUPTED, USAGE, fail
 
-    path = Path(args.ckpt) if args.ckpt else default_checkpoint()
-    model = kimi_ref.load_model(path, dtype=getattr(torch, args.dtype), progress=False)
-    if args.dense:
-        model = dense_twin(path, model)
-    result = evaluate(model, Tokenizer.from_pretrained(path), n=args.n)
+    if args.n < 1:
+        return fail("nano_eval", f"--n must be at least 1, found {args.n}", USAGE)
+    try:
+        path = Path(args.ckpt) if args.ckpt else default_checkpoint()
+        model = kimi_ref.load_model(path, dtype=getattr(torch, args.dtype), progress=False)
+        if args.dense:
+            model = dense_twin(path, model)
+        tok = Tokenizer.from_pretrained(path)
+    except (ChatError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
+        return fail("nano_eval", e, USAGE)
+    try:
+        result = evaluate(model, tok, n=args.n)
+    except KeyboardInterrupt:
+        return fail("nano_eval", "stopped before the evaluation was complete", INTERRUPTED)
     print(json.dumps({"checkpoint": str(path), "experts": "bf16" if args.dense else "as stored", **result["scores"],
                       "counts": result["counts"], "answer_rate_by_kind": result["by_kind"]}, indent=2))
     return 0

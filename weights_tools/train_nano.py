@@ -1,7 +1,7 @@
 """Train kimi-nano: a miniature Kimi (same architecture, format and chat template) from scratch on CPU.
 
     python -m weights_tools.train_nano OUT [--steps 2400] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
-                                           [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy]
+                                           [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy] [--force]
 
 The model is the real K2.5 config shrunk in size only (MLA with YaRN RoPE, sigmoid ``noaux_tc`` router
 with ``e_score_correction_bias``, a shared expert, the first layer dense), trained on the generated
@@ -16,7 +16,9 @@ Training runs in fp32 with dense experts; the result is written in the real chec
 (:func:`weights_tools.make_tiny.write_checkpoint`): routed experts quantized to INT4 (compressed-tensors
 pack-quantized), everything else bf16, the demo tokenizer, plus ``train_log.json`` (loss and per-head
 max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization) and
-``tools.json`` (the tools it was trained with). The same seed gives the same weights: data,
+``tools.json`` (the tools it was trained with), all renamed into place at once when training is done
+(``OUT`` is checked before training starts: it must be new or empty, or ``--force`` replaces the
+checkpoint there as a whole; :mod:`weights_tools.safe_write`). The same seed gives the same weights: data,
 initialisation and the update order are all seeded. Floating-point sums depend on the thread count, so
 a run reproduces bit for bit with the same ``--threads``; the default, 1, is how the shipped kimi-nano
 was made (about 30 minutes on one core of a laptop).
@@ -39,6 +41,8 @@ from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 from kimi_ref.model import KimiForCausalLM
 from kimi_ref.tokenizer import Tokenizer
 from weights_tools import nano_data
+from weights_tools._cli import FAILURE, INTERRUPTED, USAGE, fail
+from weights_tools.safe_write import OutputError, check_dir
 
 __all__ = ["nano_config", "build_model", "train", "checkpoint_tensors", "main", "BIAS_RATE"]
 
@@ -188,7 +192,8 @@ def checkpoint_tensors(model: KimiForCausalLM, config: KimiConfig) -> dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.train_nano", description=__doc__.splitlines()[0])
-    parser.add_argument("out", help="output checkpoint directory (created; overwritten if it holds a checkpoint)")
+    parser.add_argument("out", help="output checkpoint directory (created; must be empty unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace the checkpoint in OUT as a whole")
     parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
@@ -201,21 +206,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (a run reproduces bit for bit for a given thread count; 1 made the shipped nano)")
     args = parser.parse_args(argv)
+    for name in ("steps", "batch", "threads"):
+        if getattr(args, name) < 1:
+            return fail("train_nano", f"--{name} must be at least 1, found {getattr(args, name)}", USAGE)
+    try:  # before half an hour of training, not after
+        check_dir(args.out, force=args.force)
+    except OutputError as e:
+        return fail("train_nano", e, USAGE)
     torch.set_num_threads(args.threads)
 
     from weights_tools.make_tiny import write_checkpoint
 
     config = nano_config(toy=args.toy)
-    model, log = train(config, steps=args.steps, batch_size=args.batch, seed=args.seed, optimizer=args.optimizer,
-                       lr=args.lr, tau=None if args.no_qk_clip else args.tau)
-    out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=True)
-    (Path(out) / "train_log.json").write_text(json.dumps(log) + "\n")
+    try:
+        model, log = train(config, steps=args.steps, batch_size=args.batch, seed=args.seed, optimizer=args.optimizer,
+                           lr=args.lr, tau=None if args.no_qk_clip else args.tau)
+    except KeyboardInterrupt:
+        return fail("train_nano", f"training stopped; nothing was written to {args.out}", INTERRUPTED)
     # The bf16 originals of the INT4 experts (not part of the checkpoint format): they let a test measure
     # what quantization costs, by swapping them back in (tests/test_nano.py).
     dense = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items() if ".mlp.experts." in k}
-    save_file(dense, str(Path(out) / DENSE_EXPERTS_FILE), metadata={"format": "pt"})
-    # The tools it was trained with: `python -m kimi_ref.chat` declares them when no --tools is given.
-    (Path(out) / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
+
+    def extra(directory: Path) -> None:
+        (directory / "train_log.json").write_text(json.dumps(log) + "\n")
+        save_file(dense, str(directory / DENSE_EXPERTS_FILE), metadata={"format": "pt"})
+        # The tools it was trained with: `python -m kimi_ref.chat` declares them when no --tools is given.
+        (directory / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
+
+    try:
+        out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=args.force, extra=extra)
+    except OutputError as e:
+        return fail("train_nano", e, FAILURE)
+    except KeyboardInterrupt:
+        return fail("train_nano", f"{args.out} was left as it was", INTERRUPTED)
     print(f"wrote {out}")
     return 0
 
