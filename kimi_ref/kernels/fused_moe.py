@@ -34,7 +34,7 @@ from kimi_ref import int4
 from kimi_ref.kernels._runtime import dot_acc, dot_mode, interpreting, jit, tl, triton, use_triton
 from kimi_ref.kernels.w4a16 import _launch_config, dequant_tile
 
-__all__ = ["fused_moe", "fused_moe_torch", "fused_moe_triton", "block_schedule"]
+__all__ = ["fused_moe", "fused_moe_torch", "fused_moe_triton", "block_schedule", "block_rows"]
 
 
 @jit
@@ -173,6 +173,13 @@ def block_schedule(topk_ids: torch.Tensor, expert_offset: int, num_experts: int,
     return order.to(torch.int32), expert.to(torch.int32), start.to(torch.int32), end.to(torch.int32)
 
 
+def block_rows(n: int, k: int, e: int) -> int:
+    """BLOCK_M for N tokens with top-k over E local experts: 1 (fp32 FMAs), else 16 or 64 (``tl.dot``)."""
+    if n == 1:  # one token (decode) gives each expert one row: GEMV blocks, no 16-row dot padding
+        return 1
+    return 16 if interpreting() or n * k <= 64 * e else 64
+
+
 def fused_moe_triton(x, topk_weights, topk_ids, w_gate_packed, w_gate_scale, w_up_packed, w_up_scale,
                      w_down_packed, w_down_scale, expert_offset: int = 0, *, block_m: int | None = None,
                      up_config: dict | None = None, down_config: dict | None = None) -> torch.Tensor:
@@ -187,8 +194,8 @@ def fused_moe_triton(x, topk_weights, topk_ids, w_gate_packed, w_gate_scale, w_u
     x = x.contiguous()
     gp, gs, up_p, us = (t.contiguous() for t in (w_gate_packed, w_gate_scale, w_up_packed, w_up_scale))
     dp, ds = w_down_packed.contiguous(), w_down_scale.contiguous()
-    if block_m is None:  # one token (decode) gives each expert one row: GEMV blocks, no 16-row dot padding
-        block_m = 1 if n == 1 else 16 if interpreting() or n * k <= 64 * e else 64
+    if block_m is None:
+        block_m = block_rows(n, k, e)
     if block_m != 1 and block_m < 16:
         raise ValueError(f"fused_moe: block_m must be 1 (fp32 FMAs) or ≥ 16 (tl.dot), found {block_m}")
     warps = 8 if block_m >= 32 else 4  # 64 rows on 4 warps would use all 255 registers of a thread
