@@ -105,6 +105,35 @@ def test_latent_norms_use_1e6_and_layer_norms_the_config_eps():
         assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-5), torch.float32, what="1e-5")
 
 
+@pytest.mark.parametrize("latent", ["q_a_layernorm", "kv_a_layernorm"])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_each_latent_norm_uses_1e6_in_the_mla_forward(latent, seed):
+    """The eps quirk, per module and by behaviour: with latents of rms ~1e-3 (where 1e-6 and 1e-5 differ
+    by a factor ~2 in the normalisation), MLA.query / MLA.compress_kv equal the oracle's, whose latent
+    norms use 1e-6. A module built with the config's 1e-5 is off by ~50% — not the ~1.07x of the
+    tolerance by which the whole-model comparison would notice it."""
+    from kimi_ref.oracle import mla as omla
+
+    config = tiny_config(K25, hidden_size=32, q_lora_rank=24, kv_lora_rank=16, vision=False)
+    mla = MLA(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mla.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("layernorm.weight")
+                    else torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        # the projection into this latent made tiny: its rms ~1e-3, so eps decides the normalisation
+        proj = mla.q_a_proj if latent == "q_a_layernorm" else mla.kv_a_proj_with_mqa
+        proj.weight.mul_(1e-3)
+    w = {k: v.double().numpy() for k, v in mla.state_dict().items()}
+    x = torch.randn(2, 5, config.hidden_size, generator=g)
+    with torch.no_grad():
+        if latent == "q_a_layernorm":
+            got, want = torch.cat(mla.query(x), -1), np.concatenate(omla.query(x.double().numpy(), w, config), -1)
+        else:
+            got, want = mla.compress_kv(x)[0], omla.compress_kv(x.double().numpy(), w, config)[0]
+    assert_close(got, want, torch.float32, what=f"{latent} inside MLA vs the oracle (eps 1e-6)")
+
+
 def test_triton_backend_calls_the_kernel_contract(monkeypatch):
     calls = []
 
