@@ -241,3 +241,21 @@ def test_another_engine_can_write_a_trace(tmp_path, capsys):
     assert "(float16, kimi_ref/tolerances.py)" in printed and "only in B (not compared): layers.0.attn_in" in printed
     t = load_trace(path)
     assert list(t.tensors) == ["embed", "logits"]  # forward order, whatever order the file holds
+
+
+def test_chapter_14_solutions(tmp_path):
+    from chapter_solutions import load_solutions
+
+    sol = load_solutions("14_numerics")
+    oracle = load_trace(_write(tmp_path / "o.st", trace.trace_oracle(NANO_DIR, IDS), "float64"))
+    bugged = _bugged_trace(NANO_DIR, IDS, BUGS["post_attention_layernorm eps 1e-5 -> 1e-1 in layer 2"][0])
+    c = diff.compare(load_trace(_write(tmp_path / "b.st", bugged, "float32")), oracle)
+    assert sol.first_step(c).name == "layers.2.mlp_in"
+    clean = diff.compare(load_trace(_write(tmp_path / "f.st", trace.trace_kimi(NANO_DIR, IDS), "float32")), oracle)
+    assert sol.first_step(clean) is None  # noise grows; it does not step
+    a = torch.tensor([[[0, 1], [2, 3], [4, 5], [6, 7]]])
+    assert sol.flip_fraction(a, torch.tensor([[[1, 0], [2, 3], [4, 6], [7, 5]]])) == 0.5
+    assert sol.flip_fraction(a, a.flip(-1)) == 0.0
+    assert sol.flip_fraction(a, a) == diff.expert_flips(a, a) / 4
+    with pytest.raises(ValueError, match="do not pair up"):
+        sol.flip_fraction(a, a[:, :2])

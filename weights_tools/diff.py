@@ -182,24 +182,30 @@ def plot(c: Comparison, path: str | Path, *, force: bool = False) -> Path:
 
 
 def draw(c: Comparison, ax, prefix: str = "") -> None:
-    """Draw ``c`` on a matplotlib axis: x is depth (embedding -1, layers 0..L-1, final norm and logits L)."""
+    """Draw ``c`` on a matplotlib axis: one line per activation kind over layers 0..L-1; the embedding
+    at depth -1 and the final norm and logits at depth L as single points (an exact 0 is not drawn)."""
     depth_end = 1 + max((r.layer for r in c.rows if r.layer is not None), default=-1)
     kinds: dict[str, list[tuple[int, float]]] = {}
     for r in c.rows:
-        x = r.layer if r.layer is not None else (-1 if r.activation == "embed" else depth_end)
-        kinds.setdefault(r.activation if r.layer is not None else "outside layers", []).append((x, r.rel_error))
-    floor = 1e-17  # log axis: an exact zero is drawn at the bottom
+        if r.layer is not None:
+            kinds.setdefault(r.activation, []).append((r.layer, r.rel_error))
     for kind, points in kinds.items():
-        xs, ys = zip(*points)
-        ax.plot(xs, [max(y, floor) for y in ys], marker="o", label=f"{prefix}{kind}")
+        xs, ys = zip(*[(x, y) for x, y in points if y > 0] or [(None, None)])
+        if xs[0] is not None:
+            ax.plot(xs, ys, marker="o", label=f"{prefix}{kind}")
+    for r in c.rows:
+        if r.layer is None and r.rel_error > 0:
+            x = -1 if r.activation == "embed" else depth_end
+            ax.plot([x], [r.rel_error], marker={"logits": "*", "final_norm": "s"}.get(r.activation, "D"),
+                    linestyle="none", markersize=9, label=f"{prefix}{r.activation}")
     ax.axhline(c.tolerance, color="k", linestyle="--", linewidth=1, label=f"tolerance {c.tolerance:.0e} ({label(c.precision)})")
     first = c.first_past
-    if first is not None:
+    if first is not None and first.rel_error > 0:
         x = first.layer if first.layer is not None else depth_end
-        ax.annotate(f"first past: {first.name}", (x, max(first.rel_error, floor)), textcoords="offset points",
-                    xytext=(10, -15), arrowprops={"arrowstyle": "->"})
+        ax.annotate(f"first past: {first.name}", (x, first.rel_error), textcoords="offset points",
+                    xytext=(-60, 25), arrowprops={"arrowstyle": "->"})
     ax.set_yscale("log")
-    ax.set_xlabel("depth (−1 embedding, layers, then final norm / logits)")
+    ax.set_xlabel(f"depth (layers 0..{depth_end - 1}; {depth_end}: final norm and logits)")
     ax.set_ylabel("relative L∞ error")
     ax.set_title(f"{Path(c.a.path).name} vs {Path(c.b.path).name}")
     ax.legend(fontsize=7, ncol=2)
