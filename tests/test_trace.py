@@ -22,7 +22,6 @@ from kimi_ref.config import fixture_path, load_config, tiny_config
 from weights_tools import diff, trace
 from weights_tools.trace_file import TraceError, canonical_order, load_trace, save_trace
 
-transformers = pytest.importorskip("transformers")
 
 IDS = [[5, 17, 300, 42, 1000, 7, 2048, 99, 3]]
 SMALL_IDS = [[5, 17, 200, 42, 100, 7, 3]]
@@ -42,6 +41,7 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def hf_saved(tmp_path_factory) -> Path:
     """A random DeepseekV3ForCausalLM saved by HF itself (flat deepseek_v3 config, dense experts)."""
+    transformers = pytest.importorskip("transformers")  # a test-only peer
     from weights_tools.hf_peer import hf_config
 
     config = tiny_config(load_config(fixture_path("kimi_k2_thinking")), vocab_size=256)
@@ -61,6 +61,7 @@ def hf_saved(tmp_path_factory) -> Path:
 
 
 def _traces(ckpt: Path, ids, tmp: Path) -> dict[str, object]:
+    pytest.importorskip("transformers")
     paths = {"kimi": _write(tmp / "kimi.st", trace.trace_kimi(ckpt, ids), "float32", ids, source="kimi_ref"),
              "oracle": _write(tmp / "oracle.st", trace.trace_oracle(ckpt, ids), "float64", ids, source="oracle"),
              "hf": _write(tmp / "hf.st", trace.trace_hf(ckpt, ids), "float32", ids, source="hf")}
@@ -140,6 +141,16 @@ def test_tolerance_row_is_the_less_precise_side_and_ulps_count_bf16_steps(tmp_pa
     worse[0, 0, 1] = -2.5
     c = diff.compare(load_trace(_write(tmp_path / "w.st", {"embed": worse}, "bfloat16", ids)), b)
     assert c.first_past is not None and c.first_past.name == "embed"
+
+
+def test_triton_backend_trace_equals_torch(tmp_path):
+    """--backend triton on the CPU: the kernels in the interpreter (IEEE fp32 dots) or their torch
+    fallbacks; either way within the float32 row of the torch path, activation by activation."""
+    torch_run = trace.trace_kimi(NANO_DIR, SMALL_IDS)
+    triton_run = trace.trace_kimi(NANO_DIR, SMALL_IDS, backend="triton")
+    c = diff.compare(load_trace(_write(tmp_path / "triton.st", triton_run, "float32", SMALL_IDS)),
+                     load_trace(_write(tmp_path / "torch.st", torch_run, "float32", SMALL_IDS)))
+    assert c.first_past is None, diff.report(c)
 
 
 def test_tp2_trace_equals_tp1(tmp_path):

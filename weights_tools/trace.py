@@ -266,8 +266,13 @@ def main(argv: list[str] | None = None) -> int:
             tensors = trace_kimi(args.ckpt, ids, dtype=args.dtype, backend=args.backend, tp=args.tp,
                                  mla_mode=args.mla_mode, device=args.device)
             header.update(source="kimi_ref", dtype=args.dtype, backend=args.backend, tp=args.tp, mla_mode=args.mla_mode)
-            if args.backend == "triton" and args.dtype == "float32" and torch.device(args.device).type == "cuda":
-                header["precision"] = "tf32"  # the kernels' tl.dot on fp32 inputs (kimi_ref/kernels/_runtime.py)
+            if args.backend == "triton":
+                from kimi_ref import kernels
+
+                # without a GPU (or TRITON_INTERPRET=1) each kernel call runs its torch fallback: say which ran
+                header["kernels"] = "triton" if kernels.available() else "torch fallback (triton cannot run here)"
+                if args.dtype == "float32" and torch.device(args.device).type == "cuda":
+                    header["precision"] = "tf32"  # the kernels' tl.dot on fp32 inputs (kimi_ref/kernels/_runtime.py)
         save_trace(out, tensors, header, force=args.force)
     except (TraceError, CheckpointError, ConfigError, LaunchError, TPError, TokenizerError, PeerError, OSError,
             ValueError) as err:
