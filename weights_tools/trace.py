@@ -26,9 +26,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from weights_tools.trace_file import DTYPES, TraceError, save_trace
+from weights_tools.trace_file import DTYPES, TraceError, canonical_order, save_trace
 
-__all__ = ["trace_kimi", "trace_oracle", "trace_hf", "prompt_ids", "main"]
+__all__ = ["trace_kimi", "trace_oracle", "trace_hf", "record_kimi", "prompt_ids", "main"]
 
 
 # ---- hooks -------------------------------------------------------------------------------------------------
@@ -38,36 +38,8 @@ def _first(output):
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
-def _hook_layers(layers, get, found: dict, batch_shape) -> list:
-    """Forward hooks on each decoder layer's modules; ``get(layer, path)`` finds a submodule or None."""
-    handles = []
-
-    def keep(name, fn=_first):
-        def hook(module, inputs, output):
-            found[name] = fn(output).detach().clone()
-        return hook
-
-    def router(name, scores_of, experts_of):
-        def hook(module, inputs, output):
-            found[f"{name}.router_scores"] = scores_of(module, inputs, output).reshape(*batch_shape(), -1).detach().clone()
-            found[f"{name}.router_experts"] = experts_of(output).reshape(*batch_shape(), -1).long().clone()
-        return hook
-
-    for i, layer in enumerate(layers):
-        p = f"layers.{i}"
-        for act, path in (("attn_in", "input_layernorm"), ("q_latent", "self_attn.q_a_layernorm"),
-                          ("kv_latent", "self_attn.kv_a_layernorm"), ("attn_out", "self_attn"),
-                          ("mlp_in", "post_attention_layernorm"), ("mlp_out", "mlp"), ("residual", None)):
-            module = layer if path is None else get(layer, path)
-            if module is not None:
-                handles.append(module.register_forward_hook(keep(f"{p}.{act}")))
-        gate = get(layer, "mlp.gate")
-        if gate is not None:
-            handles.append(gate.register_forward_hook(router(p, *get(None, "router"))))
-    return handles
-
-
 def _get(module, path: str):
+    """The submodule at ``path`` ("self_attn.q_a_layernorm"), or None (a dense layer has no ``mlp.gate``)."""
     for part in path.split("."):
         module = getattr(module, part, None)
         if module is None:
@@ -75,41 +47,55 @@ def _get(module, path: str):
     return module
 
 
-def _ordered(found: dict, order: list[str]) -> dict:
-    from weights_tools.trace_file import canonical_order
+LAYER_MODULES = (("attn_in", "input_layernorm"), ("q_latent", "self_attn.q_a_layernorm"),
+                 ("kv_latent", "self_attn.kv_a_layernorm"), ("attn_out", "self_attn"),
+                 ("mlp_in", "post_attention_layernorm"), ("mlp_out", "mlp"), ("residual", ""))
 
-    return {n: found[n] for n in canonical_order(found)} if not order else {n: found[n] for n in order}
+
+def _record_forward(inner, run, batch_shape, scores_of, experts_of) -> dict[str, torch.Tensor]:
+    """Hook ``inner``'s (a decoder stack's) modules, ``run()`` the forward once, return what they saw.
+
+    kimi_ref and HF name their modules alike (both follow DeepSeek-V3); the router's two arrays are
+    read by ``scores_of(gate, inputs, output)`` and ``experts_of(output)``.
+    """
+    found: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        return lambda module, inputs, output: found.__setitem__(name, _first(output).detach().clone())
+
+    def router(prefix):
+        def hook(gate, inputs, output):
+            found[f"{prefix}.router_scores"] = scores_of(gate, inputs, output).reshape(*batch_shape, -1).detach().clone()
+            found[f"{prefix}.router_experts"] = experts_of(output).reshape(*batch_shape, -1).long().clone()
+        return hook
+
+    handles = [inner.embed_tokens.register_forward_hook(keep("embed")), inner.norm.register_forward_hook(keep("final_norm"))]
+    for i, layer in enumerate(inner.layers):
+        for act, path in LAYER_MODULES:
+            module = _get(layer, path) if path else layer
+            if module is not None:
+                handles.append(module.register_forward_hook(keep(f"layers.{i}.{act}")))
+        gate = _get(layer, "mlp.gate")
+        if gate is not None:
+            handles.append(gate.register_forward_hook(router(f"layers.{i}")))
+    try:
+        with torch.inference_mode():
+            found["logits"] = run().detach().clone()
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: found[name].cpu() for name in canonical_order(found)}
 
 
 # ---- kimi_ref ----------------------------------------------------------------------------------------------
 
 
-def _kimi_scores(gate, inputs, output):
-    return torch.sigmoid(inputs[0].float() @ gate.weight.float().T)  # route()'s first line, fp32
-
-
 def record_kimi(model, ids: torch.Tensor) -> dict[str, torch.Tensor]:
     """Run ``model`` (a KimiForCausalLM) on ``ids`` [B,T] once and return every named activation."""
-    found: dict[str, torch.Tensor] = {}
-    inner = model.model
-
-    def get(layer, path):
-        if layer is None:  # the router's two arrays
-            return _kimi_scores, lambda output: output[1]
-        if path.startswith("mlp.gate") and not hasattr(layer.mlp, "gate"):
-            return None  # a dense layer
-        return _get(layer, path)
-
-    handles = _hook_layers(inner.layers, get, found, lambda: ids.shape)
-    handles.append(inner.embed_tokens.register_forward_hook(lambda m, i, o: found.__setitem__("embed", o.detach().clone())))
-    handles.append(inner.norm.register_forward_hook(lambda m, i, o: found.__setitem__("final_norm", _first(o).detach().clone())))
-    try:
-        with torch.inference_mode():
-            found["logits"] = model(ids).detach().clone()
-    finally:
-        for h in handles:
-            h.remove()
-    return _ordered({k: v.cpu() for k, v in found.items()}, [])
+    return _record_forward(model.model, lambda: model(ids), tuple(ids.shape),
+                           # route()'s first line, fp32, from the input the gate received
+                           lambda gate, inputs, output: torch.sigmoid(inputs[0].float() @ gate.weight.float().T),
+                           lambda output: output[1])
 
 
 def _kimi_rank(tp, device, ckpt: str, ids: list[list[int]], dtype: str, backend: str, mla_mode: str):
@@ -156,26 +142,9 @@ def trace_hf(ckpt: str | Path, ids: list[list[int]], dtype: str = "float32") -> 
 
     model = hf_model(ckpt, DTYPES[dtype])
     x = torch.tensor(ids)
-    found: dict[str, torch.Tensor] = {}
-
-    def get(layer, path):
-        if layer is None:  # HF's gate returns (router_logits, weights, indices)
-            return (lambda gate, inputs, output: torch.sigmoid(output[0].float())), lambda output: output[2]
-        if path.startswith("mlp.gate") and not hasattr(layer.mlp, "gate"):
-            return None
-        return _get(layer, path)
-
-    inner = model.model
-    handles = _hook_layers(inner.layers, get, found, lambda: x.shape)
-    handles.append(inner.embed_tokens.register_forward_hook(lambda m, i, o: found.__setitem__("embed", o.detach().clone())))
-    handles.append(inner.norm.register_forward_hook(lambda m, i, o: found.__setitem__("final_norm", o.detach().clone())))
-    try:
-        with torch.inference_mode():
-            found["logits"] = model(x).logits.detach().clone()
-    finally:
-        for h in handles:
-            h.remove()
-    return _ordered(found, [])
+    # HF's gate returns (router_logits, weights, indices); its scores are the logits' sigmoid
+    return _record_forward(model.model, lambda: model(x).logits, tuple(x.shape),
+                           lambda gate, inputs, output: torch.sigmoid(output[0].float()), lambda output: output[2])
 
 
 # ---- the command line ----------------------------------------------------------------------------------------
