@@ -26,7 +26,6 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from kimi_ref.tolerances import PRECISION_ORDER, RTOL, rel_error, row_dtype, smallest_normal, ulp_distance
