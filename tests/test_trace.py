@@ -206,6 +206,7 @@ def test_command_line_errors(tmp_path, tiny_ckpt, hf_saved, capsys):
         ([str(NANO_DIR), "--ids", "1,99999", "--out", out], "outside the vocabulary"),
         ([str(NANO_DIR), "--ids", "1", "--tp", "3", "--out", out], "--tp 3 does not divide the model"),
         ([str(tmp_path / "nowhere"), "--ids", "1", "--out", out], "nowhere"),
+        ([str(NANO_DIR), "--ids", "1", "--out", str(tmp_path / "no_dir" / "t.st")], "no_dir does not exist"),
     ]
     for argv, message in cases:
         assert trace.main(argv) == 2, argv

@@ -218,6 +218,8 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.out)
         if out.exists() and not args.force:
             raise TraceError(f"{out} exists; pass --force to overwrite it")
+        if not out.parent.is_dir():  # before the forward, not after it
+            raise TraceError(f"{out}: the directory {out.parent} does not exist")
         if (args.oracle or args.hf) and (args.backend != "torch" or args.tp != 1 or args.device != "cpu"):
             raise TraceError("--backend, --tp and --device are kimi_ref's; the oracle and HF run on the CPU alone")
         if args.oracle and args.dtype != "float32":
