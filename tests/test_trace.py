@@ -189,6 +189,8 @@ def test_trace_and_diff_command_lines(tmp_path, capsys):
     assert diff.main([str(out), str(oracle), "--plot", str(png)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err
     assert diff.main([str(out), str(oracle), "--plot", str(png), "--force"]) == 0
+    assert diff.main([str(out), str(oracle), "--plot", str(tmp_path / "no_dir" / "e.png")]) == 2
+    assert "no_dir does not exist" in capsys.readouterr().err
     bf16 = tmp_path / "bf16.safetensors"
     assert trace.main([str(NANO_DIR), "--ids", "5,17,300", "--dtype", "bfloat16", "--out", str(bf16)]) == 0
     assert load_trace(bf16).tensors["layers.1.residual"].dtype == torch.bfloat16  # stored as computed

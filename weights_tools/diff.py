@@ -159,6 +159,8 @@ def plot(c: Comparison, path: str | Path, *, force: bool = False) -> Path:
     path = Path(path)
     if path.exists() and not force:
         raise TraceError(f"{path} exists; pass --force to overwrite it")
+    if not path.parent.is_dir():
+        raise TraceError(f"{path}: the directory {path.parent} does not exist")
     try:
         import matplotlib
 
@@ -168,7 +170,7 @@ def plot(c: Comparison, path: str | Path, *, force: bool = False) -> Path:
         raise TraceError("--plot needs matplotlib (pip install matplotlib, or the 'notebooks' extra)") from None
     fig, ax = plt.subplots(figsize=(8, 4.5))
     draw(c, ax)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent if path.parent.is_dir() else None)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=120, bbox_inches="tight")
@@ -220,6 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.plot and Path(args.plot).exists() and not args.force:
             raise TraceError(f"{args.plot} exists; pass --force to overwrite it")
+        if args.plot and not Path(args.plot).parent.is_dir():
+            raise TraceError(f"{args.plot}: the directory {Path(args.plot).parent} does not exist")
         c = compare(load_trace(args.a), load_trace(args.b))
         print(report(c))
         if args.plot:
