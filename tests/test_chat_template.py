@@ -281,7 +281,9 @@ def test_ids_control_tokens_and_text(tok):
     assert tok.decode(ids) == render(msgs)  # the typed "<|im_end|>" is text, one real <|im_end|> id
 
 
-benign = st.text(alphabet=st.characters(blacklist_characters="<>|"), max_size=12)
+# No special-token string can form: the demo vocabulary's specials are <|...|> and [BOS] [EOS] [EOT] [UNK] [PAD]
+# (hypothesis found a user typing "[UNK]", which allow_special=True encodes as the special and we, rightly, as text).
+benign = st.text(alphabet=st.characters(blacklist_characters="<>|["), max_size=12)
 
 
 @settings(max_examples=40)

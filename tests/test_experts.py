@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import kimi_ref
-from hypothesis import assume, given, strategies as st
-from tolerances import assert_close
+from hypothesis import assume, given, settings, strategies as st
+from tolerances import BF16_OP, assert_close
 
 from kimi_ref import int4, parallel
 from kimi_ref.config import fixture_path, load_config, tiny_config
@@ -128,6 +128,42 @@ def test_moe_matches_oracle_bf16(case):
     out = moe(x)
     assert out.dtype == torch.bfloat16
     assert_close(out, oracle.moe(x.double().numpy(), w, cfg), torch.bfloat16, what="MoE bf16")
+
+
+@settings(max_examples=10)
+@given(seed=st.integers(0, 2**31 - 1), k=st.sampled_from([4, 6]), shared=st.sampled_from([0, 1]))
+def test_bf16_moe_combines_in_fp32(seed, k, shared):
+    """The combine (Σ weight · expert output, plus the shared expert) accumulates in fp32 and rounds to bf16 once.
+
+    The reference is built from the module's own bf16 pieces — each expert's output as it ran, the
+    router's fp32 weights — summed in float64: what remains is one bf16 rounding, the single-op row.
+    A combine that accumulates in bf16 rounds once per pick and lands past it; against the float64
+    oracle with the whole-model bf16 row (test_moe_matches_oracle_bf16) it would pass.
+    """
+    cfg = moe_config(K25, experts=8, k=k, d=64, width=64, shared=shared)
+    moe = MoE(cfg, 1, dtype=torch.bfloat16)
+    randomize(moe, seed)
+    x = torch.randn(48, cfg.hidden_size, generator=torch.Generator().manual_seed(seed + 1)).bfloat16()
+    outputs: dict[str, torch.Tensor] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, name=name: outputs.__setitem__(name, o.double()))
+             for name, m in [*moe.experts.items(), ("shared", moe.shared_experts)] if m is not None]
+    with torch.no_grad():
+        out = moe(x)
+        weights, ids = moe.gate(x)
+    for h in hooks:
+        h.remove()
+    want = torch.zeros(x.shape, dtype=torch.float64)
+    for e, y in outputs.items():
+        if e == "shared":
+            want += y
+            continue
+        tokens, slot = torch.nonzero(ids == int(e), as_tuple=True)  # row order = the expert's input order
+        want[tokens] += weights[tokens, slot].double()[:, None] * y
+    assert out.dtype == torch.bfloat16
+    assert_close(out, want, BF16_OP, what=f"bf16 MoE combine (k={k}, shared={shared})")
+    # Sharper: fp32 sums round to the bf16 nearest the exact sum, but for a rare near-tie.
+    not_nearest = float((out != want.to(torch.bfloat16)).double().mean())
+    assert not_nearest < 0.01, f"{not_nearest:.1%} of the combined values are not the bf16 nearest the exact sum"
 
 
 def test_moe_keeps_batch_shape_and_int4_layout():

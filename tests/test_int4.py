@@ -164,6 +164,27 @@ def test_w4a16_linear_matches_oracle(dtype, data, shape, batch):
     assert_close(y, x64 @ w64.T, dtype, what="W4A16Linear vs float64 dequantize-then-matmul")
 
 
+@pytest.mark.parametrize("group_size", [64, 128])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@given(seed=st.integers(0, 2**31 - 1), out_f=st.integers(1, 9), groups=st.integers(1, 3))
+def test_w4a16_linear_other_group_sizes_match_oracle(group_size, dtype, seed, out_f, groups):
+    """``from_dense(w, group_size=64/128)``: the oracle's own quantization of w (bit-exact packed words
+    and scales), and outputs equal to x · dequantize(...)ᵀ in float64 with one scale per 64/128 columns."""
+    in_f = group_size * groups
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(out_f, in_f, generator=g) * 0.05
+    layer = int4.W4A16Linear.from_dense(w, group_size=group_size)
+    packed, scale = oracle_int4.quantize(w.numpy(), group_size)
+    np.testing.assert_array_equal(layer.weight_packed.numpy(), packed)
+    np.testing.assert_array_equal(layer.weight_scale.float().numpy(), scale)
+    assert layer.weight_scale.shape == (out_f, groups)
+    x = (torch.randn(3, in_f, generator=g) * 2).to(dtype)
+    y = layer(x)
+    w64 = oracle_int4.dequantize(packed, scale, (out_f, in_f))
+    assert_close(y, x.double().numpy() @ w64.T, dtype, what=f"W4A16Linear group {group_size} vs oracle")
+    assert_close(layer.dense_weight(), w64, torch.float32, what=f"dense_weight, group {group_size}")
+
+
 def test_w4a16_linear_buffers_state_dict_and_bias():
     linear = torch.nn.Linear(64, 16, bias=True)
     layer = int4.W4A16Linear.from_linear(linear)

@@ -344,6 +344,83 @@ def test_fused_moe_matches_oracle(seed, n, k, e, foreign, offset, mode, d, i, na
     assert_close(K_MOE.fused_moe_torch(x, tw, ids, *w, expert_offset=offset), expected, F32, what="fused_moe torch fallback")
 
 
+# ---- the GPU tile shapes, in the interpreter ------------------------------------------------------------
+#
+# The wrappers pick BLOCK_K = 32 in the interpreter: one INT4 group per tile, so a wrong scale index
+# *across* the groups of a tile cannot show. Here the jit kernels are launched with the block sizes of a
+# GPU launch (compile_check.CONFIGS, plus BLOCK_K 128/256: up to 8 groups a tile), IEEE dots (the tile
+# logic is under test, not the tensor-core precision), ragged M and N, and compared with the oracle.
+
+from kimi_ref.kernels.compile_check import CONFIGS  # noqa: E402
+from kimi_ref.kernels._runtime import DOT_IEEE  # noqa: E402
+
+W4_TILES = sorted({(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"], c["USE_DOT"])
+                   for _, mod, _, _, c, _ in CONFIGS if mod == "w4a16"} | {(16, 64, 128, True), (2, 32, 128, False)})
+MOE_TILES = sorted({(c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]) for _, mod, _, _, c, _ in CONFIGS if mod == "fused_moe"}
+                   | {(16, 32, 128)})
+
+
+def _launch_w4a16(x, packed, scale, block_m, block_n, block_k, use_dot, split_k=1):
+    """``_w4a16_kernel`` launched as w4a16_matmul_triton does, with the given tile."""
+    m, k = x.shape
+    n = packed.shape[0]
+    k_per_split = -(-(-(-k // block_k)) // split_k) * block_k
+    split_k = -(-k // k_per_split)
+    out = torch.empty(split_k, m, n, dtype=F32)
+    grid = (-(-m // block_m), -(-n // block_n), split_k)
+    K_W4._w4a16_kernel[grid](x, packed, scale, out, m, n, k, k_per_split, x.stride(0), packed.stride(0),
+                             scale.stride(0), out.stride(0), out.stride(1), BLOCK_M=block_m, BLOCK_N=block_n,
+                             BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, USE_DOT=use_dot, DOT_MODE=DOT_IEEE)
+    return out.sum(0)
+
+
+@pytest.mark.parametrize("tile", W4_TILES, ids=[f"M{t[0]}N{t[1]}K{t[2]}{'dot' if t[3] else 'fma'}" for t in W4_TILES])
+def test_w4a16_at_gpu_tile_shapes(tile):
+    block_m, block_n, block_k, use_dot = tile
+    gen = torch.Generator().manual_seed(block_m * 1000 + block_k)
+    m = max(1, block_m + block_m // 2 - 1) if block_m > 1 else 1  # a ragged last row block
+    n, k = block_n + 5, 2 * block_k + 96  # ragged N; K: whole tiles and a partial one, 3+ groups in each
+    packed, scale = _packed(gen, n, k)
+    for dtype, split_k in ((F32, 1), (BF16, 2)):
+        x = torch.randn(m, k, generator=gen).to(dtype)
+        y = _launch_w4a16(x, packed, scale, block_m, block_n, block_k, use_dot, split_k)
+        assert_close(y, f64(x) @ _o_dense(packed, scale).T, F32, what=f"w4a16 tile {tile} {dtype} split {split_k}")
+
+
+def _launch_fused_moe(x, tw, ids, w, offset, block_m, block_n, block_k):
+    """The fused-MoE kernels launched as fused_moe_triton does, with the given tile."""
+    gp, gs, up, us, dp, ds = w
+    n, d = x.shape
+    k, e, i = ids.shape[1], gp.shape[0], gp.shape[1]
+    order, blk_expert, blk_start, blk_end = K_MOE.block_schedule(ids, offset, e, block_m)
+    h = torch.empty(n * k, i, dtype=F32)
+    K_MOE._gate_up_kernel[(blk_expert.numel(), -(-i // block_n))](
+        x, order, blk_expert, blk_start, blk_end, gp, gs, up, us, h, d, i, k, x.stride(0), gp.stride(0), gp.stride(1),
+        gs.stride(0), gs.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
+        GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE)
+    y = torch.zeros(n * k, d, dtype=F32)
+    K_MOE._down_kernel[(blk_expert.numel(), -(-d // block_n))](
+        h, order, blk_expert, blk_start, blk_end, tw.float().contiguous().view(-1), dp, ds, y, d, i, h.stride(0),
+        dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
+        BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE)
+    return y.view(n, k, d).sum(1)
+
+
+@pytest.mark.parametrize("tile", MOE_TILES, ids=[f"M{t[0]}N{t[1]}K{t[2]}" for t in MOE_TILES])
+def test_fused_moe_at_gpu_tile_shapes(tile):
+    block_m, block_n, block_k = tile
+    gen = torch.Generator().manual_seed(block_m + block_k)
+    e, k, offset = 3, 2, 1
+    d, i = 2 * block_k + 64, block_k + 32  # both reductions: whole tiles plus a partial one, several groups each
+    w = _moe_weights(gen, e, d, i)
+    n = block_m + 3  # one expert's run spans two row blocks
+    ids = _picks(gen, n, k, e + 2, "one") + offset
+    tw = torch.rand(n, k, generator=gen)
+    x = torch.randn(n, d, generator=gen)
+    got = _launch_fused_moe(x, tw, ids, w, offset, block_m, block_n, block_k)
+    assert_close(got, _moe_oracle(x, tw, ids, w, offset), F32, what=f"fused_moe tile {tile}")
+
+
 def test_fused_moe_zero_token_experts_cost_nothing():
     """Experts nobody picked get no block in the schedule; foreign picks contribute nothing."""
     ids = torch.tensor([[5, 1], [5, 9], [2, 5]])  # offset 2, E = 4: local 0 once, 3 thrice; 1, 9 foreign

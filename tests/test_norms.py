@@ -57,6 +57,30 @@ def test_fused_residual_form(dtype, n, seed):
     assert_close(y, expected, dtype, what="RMSNorm(x, residual)")
 
 
+@given(lead=st.sampled_from([(3,), (2, 5)]), n=st.sampled_from([64, 1536, 7168]),
+       magnitude=st.sampled_from([1e-2, 1.0, 50.0]), seed=st.integers(0, 2**31 - 1))
+def test_bf16_statistics_run_in_fp32(lead, n, magnitude, seed):
+    """The module's statistics are fp32: its bf16 output is exactly bf16(weight · bf16(x / rms)) with the
+    exact rms of the bf16 input, but for near-ties (then one ulp off).
+
+    Statistics in bf16 (the mean of squares or the rsqrt rounded to 8 bits) pass the oracle comparison
+    at the whole-model bf16 row; only the Triton kernel's bit-exact test would see them. This test
+    needs no Triton."""
+    from tolerances import ulp_distance
+
+    x, w = _inputs(seed, (*lead, n), magnitude, torch.bfloat16)
+    module = norms.RMSNorm(n, 1e-5, dtype=torch.bfloat16)
+    with torch.no_grad():
+        module.weight.copy_(w)
+        y = module(x)
+    x64 = x.double()
+    normed = (x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
+    expected = (w.double() * normed.double()).to(torch.bfloat16)  # a bf16 × bf16 product is exact in float64
+    ulps = ulp_distance(y, expected, torch.bfloat16)
+    assert ulps.max() <= 1, f"an output is {ulps.max()} bf16 steps from bf16(w · bf16(x / rms))"
+    assert (ulps > 0).mean() < 0.01, f"{(ulps > 0).mean():.1%} of the outputs differ from bf16(w · bf16(x / rms))"
+
+
 def test_bf16_in_bf16_out_with_one_outlier_channel():
     # 4096 channels of 1.0 and one of 64 (an activation outlier): statistics in fp32, result in bf16.
     x = torch.ones(1, 4097, dtype=torch.bfloat16)
@@ -79,6 +103,35 @@ def test_latent_norms_use_1e6_and_layer_norms_the_config_eps():
     assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6), torch.float32, what="1e-6")
     with pytest.raises(AssertionError):
         assert_close(y, onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-5), torch.float32, what="1e-5")
+
+
+@pytest.mark.parametrize("latent", ["q_a_layernorm", "kv_a_layernorm"])
+@given(seed=st.integers(0, 2**31 - 1))
+def test_each_latent_norm_uses_1e6_in_the_mla_forward(latent, seed):
+    """The eps quirk, per module and by behaviour: with latents of rms ~1e-3 (where 1e-6 and 1e-5 differ
+    by a factor ~2 in the normalisation), MLA.query / MLA.compress_kv equal the oracle's, whose latent
+    norms use 1e-6. A module built with the config's 1e-5 is off by ~50% — not the ~1.07x of the
+    tolerance by which the whole-model comparison would notice it."""
+    from kimi_ref.oracle import mla as omla
+
+    config = tiny_config(K25, hidden_size=32, q_lora_rank=24, kv_lora_rank=16, vision=False)
+    mla = MLA(config)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in mla.named_parameters():
+            p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=g) if name.endswith("layernorm.weight")
+                    else torch.randn(p.shape, generator=g) * p.shape[-1] ** -0.5)
+        # the projection into this latent made tiny: its rms ~1e-3, so eps decides the normalisation
+        proj = mla.q_a_proj if latent == "q_a_layernorm" else mla.kv_a_proj_with_mqa
+        proj.weight.mul_(1e-3)
+    w = {k: v.double().numpy() for k, v in mla.state_dict().items()}
+    x = torch.randn(2, 5, config.hidden_size, generator=g)
+    with torch.no_grad():
+        if latent == "q_a_layernorm":
+            got, want = torch.cat(mla.query(x), -1), np.concatenate(omla.query(x.double().numpy(), w, config), -1)
+        else:
+            got, want = mla.compress_kv(x)[0], omla.compress_kv(x.double().numpy(), w, config)[0]
+    assert_close(got, want, torch.float32, what=f"{latent} inside MLA vs the oracle (eps 1e-6)")
 
 
 def test_triton_backend_calls_the_kernel_contract(monkeypatch):

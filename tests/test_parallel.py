@@ -98,6 +98,29 @@ def test_separate_tp2_launch(ckpt8, single):
     assert (greedy, sampled) == (single[1], single[2])
 
 
+@pytest.fixture(scope="module")
+def ckpt_bias(tmp_path_factory) -> Path:
+    """The tiny checkpoint with attention_bias: q_a_proj, kv_a_proj_with_mqa and o_proj carry biases."""
+    from weights_tools import make_tiny
+
+    config = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=make_tiny.TINY_VOCAB).replace(attention_bias=True)
+    with mock.patch.object(make_tiny, "tiny_checkpoint_config", lambda layout="kimi_k25": config):
+        return make_tiny.make_tiny(tmp_path_factory.mktemp("bias"), "kimi_k25", seed=0, force=True)
+
+
+def test_tp2_with_attention_bias_matches_single_process(ckpt_bias):
+    """o_proj's bias is added once, after the all-reduce: a bias added on every rank before it would be
+    counted twice at TP 2 (and the replicated q_a/kv_a biases must not be split or summed)."""
+    import kimi_ref
+
+    model = kimi_ref.load_model(ckpt_bias, progress=False)
+    assert all(float(layer.self_attn.o_proj.bias.detach().abs().max()) > 0.01 for layer in model.model.layers)
+    one = _rank_results(parallel.SINGLE, "cpu", str(ckpt_bias), PROMPT)
+    two = launch(_rank_results, 2, "cpu", str(ckpt_bias), PROMPT, timeout_s=120)
+    assert_close(two[0], one[0], torch.float32, what="TP 2 logits with attention_bias vs TP 1")
+    assert two[1:3] == one[1:3], "TP 2 tokens with attention_bias differ from TP 1"
+
+
 def test_tp_changes_something(single):
     # The check above could pass vacuously if every rank computed everything: make sure it does not.
     # A TP-8 model holds 1/8 of the vocabulary rows of the embedding on each rank.

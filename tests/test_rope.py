@@ -70,6 +70,28 @@ def test_apply_rope_matches_oracle(dtype, dim, heads, t, seed):
     assert_close(y, expected, dtype, what=f"apply_rope {dtype}")
 
 
+@given(dim=st.sampled_from([16, 64]), start=st.sampled_from([0, 4096, 250_000]), seed=st.integers(0, 2**31 - 1))
+def test_bf16_rotation_runs_in_fp32(dim, start, seed):
+    """apply_rope rotates in fp32 and rounds to bf16 once: the result is the bf16 nearest the exact
+    rotation of the bf16 input by the fp32 cos/sin, but for near-ties (then one ulp off).
+
+    The oracle comparison (test_apply_rope_matches_oracle, whole-model bf16 row) cannot see a rotation
+    done in bf16; here, without Triton, the torch module stands on its own."""
+    from tolerances import ulp_distance
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 32, 4, dim, generator=g).to(BF16)
+    cos, sin = rope.cos_sin(torch.arange(start, start + 32), K25.rope, dim)
+    got = rope.apply_rope(x, cos[:, None, :], sin[:, None, :])
+    assert got.dtype == BF16
+    pairs = x.double().unflatten(-1, (-1, 2))
+    c, s_ = cos.double()[:, None, :], sin.double()[:, None, :]
+    exact = torch.stack((pairs[..., 0] * c - pairs[..., 1] * s_, pairs[..., 1] * c + pairs[..., 0] * s_), -1).flatten(-2)
+    ulps = ulp_distance(got, exact, BF16)
+    assert ulps.max() <= 1, f"a rotated value is {ulps.max()} bf16 steps from the exact rotation"
+    assert (ulps > 0).mean() < 0.01, f"{(ulps > 0).mean():.1%} of the rotated values are not the bf16 nearest"
+
+
 def test_pairs_are_adjacent_not_halves():
     # one pair (x0, y0) = (1, 0) turned by 90°: the rotation lands in position 1, not position dim/2
     cfg = dataclasses.replace(K25.rope, type="default")

@@ -1,14 +1,7 @@
-"""The one table of numerical tolerances every equivalence test uses.
+"""``assert_close``: every equivalence test's judge, by the one tolerance table (``kimi_ref/tolerances.py``).
 
-A result computed in ``dtype`` is compared with the float64 oracle (or a peer) by its relative
-L-infinity error: ``max|actual - expected| / max|expected|``. Scaling by the tensor's largest
-magnitude, not elementwise, keeps values near zero from dominating, and lets one number per
-dtype hold across ops. NaN and inf must sit at the same positions (FlashMLA's habit).
-
-Why these numbers: float32 has a unit roundoff of 6e-8; a few hundred accumulations and a
-handful of layers stay well under 1e-5. bfloat16 keeps 8 bits of mantissa (roundoff 4e-3); one
-rounding per op compounds to about 1e-2 through a small model. tf32 (Triton's ``tl.dot`` on a GPU
-with fp32 inputs) keeps 10 bits.
+The table, the relative L-inf error and the ulp distance live in the package (the trace diff tool uses
+them too); they are re-exported here so tests write ``from tolerances import RTOL, assert_close``.
 """
 
 from __future__ import annotations
@@ -16,36 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-# dtype -> relative L-inf error allowed against the float64 oracle
-RTOL: dict[object, float] = {
-    torch.float64: 1e-10,
-    torch.float32: 1e-5,
-    "tf32": 5e-3,
-    torch.float16: 5e-3,
-    torch.bfloat16: 2e-2,
-}
-
-
-def _as_f64(x) -> np.ndarray:
-    if isinstance(x, torch.Tensor):
-        return x.detach().to("cpu", torch.float64).numpy()
-    return np.asarray(x, dtype=np.float64)
-
-
-def smallest_normal(dtype) -> float:
-    """Below this magnitude ``dtype`` holds only subnormals, whose relative precision fades to nothing."""
-    if dtype == "tf32":
-        dtype = torch.float32
-    return float(torch.finfo(dtype).tiny) if isinstance(dtype, torch.dtype) else float(np.finfo(np.float64).tiny)
-
-
-def rel_error(actual, expected, floor: float = float(np.finfo(np.float64).tiny)) -> float:
-    """``max|actual - expected| / max|expected|``, the scale never taken below ``floor``."""
-    a, e = _as_f64(actual), _as_f64(expected)
-    finite = np.isfinite(e)
-    scale = float(np.max(np.abs(e[finite]))) if finite.any() else 0.0
-    err = float(np.max(np.abs(a[finite] - e[finite]))) if finite.any() else 0.0
-    return err / max(scale, floor)
+from kimi_ref.tolerances import (BF16_OP, RTOL, _as_f64, rel_error, row_dtype, smallest_normal,  # noqa: F401
+                                 ulp_distance)
 
 
 def assert_close(actual, expected, dtype=None, *, what: str = "result") -> None:

@@ -18,10 +18,12 @@ Weights (names relative to ``mlp.``): dense ``gate_proj/up_proj/down_proj.weight
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from kimi_ref.config import KimiConfig
-from kimi_ref.oracle.router import route
+from kimi_ref.oracle.router import route, router_scores
 
 __all__ = ["silu", "swiglu", "dense_mlp", "moe"]
 
@@ -46,10 +48,16 @@ def dense_mlp(x: np.ndarray, w: dict[str, np.ndarray]) -> np.ndarray:
     return _swiglu_named(x, w, "")
 
 
-def moe(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> np.ndarray:
-    """Routed experts (weighted by the router) plus the shared expert, [N,d] -> [N,d]."""
+def moe(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
+        record: Callable[[str, np.ndarray], None] | None = None) -> np.ndarray:
+    """Routed experts (weighted by the router) plus the shared expert, [N,d] -> [N,d].
+
+    ``record(name, array)``, if given, receives ``router_scores`` [N,E] and ``router_experts`` [N,k]."""
     x = np.asarray(x, dtype=np.float64)
     weights, indices = route(x, w["gate.weight"], w["gate.e_score_correction_bias"], config)
+    if record is not None:
+        record("router_scores", router_scores(x, w["gate.weight"]))
+        record("router_experts", indices)
     out = np.zeros_like(x)
     for expert in range(config.n_routed_experts):
         tokens, slot = np.nonzero(indices == expert)  # which tokens chose this expert, and in which top-k slot

@@ -35,6 +35,8 @@ other. Query t of this call sits at key index S - T + t and sees keys 0 .. S - T
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 
 from kimi_ref.config import KimiConfig
@@ -48,6 +50,8 @@ __all__ = ["LATENT_NORM_EPS", "mla", "query", "compress_kv", "split_kv_b", "caus
 # config.rms_norm_eps (1e-5 for Kimi) is only passed to the decoder-layer norms.
 LATENT_NORM_EPS = 1e-6
 
+Record = Callable[[str, np.ndarray], None]  # record(name, value): how a trace sees the inside of a forward
+
 
 def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
     """``x @ W.T (+ b)`` for the weight ``name.weight`` (and ``name.bias`` if the checkpoint has one)."""
@@ -56,7 +60,8 @@ def _linear(x: np.ndarray, w: dict[str, np.ndarray], name: str) -> np.ndarray:
     return y if bias is None else y + bias
 
 
-def query(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
+def query(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
+          record: Record | None = None) -> tuple[np.ndarray, np.ndarray]:
     """q_nope [B,T,h,n] and q_rope [B,T,h,r] (before RoPE), through the low-rank q_a/q_b pair."""
     b, t, _ = x.shape
     h, n, r = config.num_attention_heads, config.qk_nope_head_dim, config.qk_rope_head_dim
@@ -64,17 +69,22 @@ def query(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> tuple[
         q = _linear(x, w, "q_proj")
     else:
         q_latent = rms_norm(_linear(x, w, "q_a_proj"), w["q_a_layernorm.weight"], LATENT_NORM_EPS)
+        if record is not None:
+            record("q_latent", q_latent)
         q = _linear(q_latent, w, "q_b_proj")
     q = q.reshape(b, t, h, n + r)  # head-major: head j owns columns j·(n+r) .. (j+1)·(n+r)-1
     return q[..., :n], q[..., n:]
 
 
-def compress_kv(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
+def compress_kv(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
+                record: Record | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The normalized latent [B,T,c] and the shared rope key [B,T,r] (before RoPE)."""
     c = config.kv_lora_rank
     kv = _linear(x, w, "kv_a_proj_with_mqa")
-    latent, k_rope = kv[..., :c], kv[..., c:]
-    return rms_norm(latent, w["kv_a_layernorm.weight"], LATENT_NORM_EPS), k_rope
+    latent = rms_norm(kv[..., :c], w["kv_a_layernorm.weight"], LATENT_NORM_EPS)
+    if record is not None:
+        record("kv_latent", latent)
+    return latent, kv[..., c:]
 
 
 def split_kv_b(w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -117,8 +127,10 @@ def scores_absorbed(q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, 
 
 
 def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: np.ndarray,
-        cache: dict[str, np.ndarray] | None = None, form: str = "naive") -> np.ndarray:
-    """Multi-head latent attention [B,T,d] -> [B,T,d] in the ``"naive"`` or ``"absorbed"`` form (see the module doc)."""
+        cache: dict[str, np.ndarray] | None = None, form: str = "naive", record: Record | None = None) -> np.ndarray:
+    """Multi-head latent attention [B,T,d] -> [B,T,d] in the ``"naive"`` or ``"absorbed"`` form (see the module doc).
+
+    ``record(name, array)``, if given, receives ``q_latent`` and ``kv_latent`` (the trace tool's names)."""
     if form not in ("naive", "absorbed"):
         raise ValueError(f"mla: form must be 'naive' or 'absorbed', found {form!r}")
     x = np.asarray(x, dtype=np.float64)
@@ -128,8 +140,8 @@ def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: 
         raise ValueError(f"mla: positions must have shape ({t},) for {t} tokens, found {positions.shape}")
     r = config.qk_rope_head_dim
 
-    q_nope, q_rope = query(x, w, config)
-    latent, k_rope = compress_kv(x, w, config)
+    q_nope, q_rope = query(x, w, config, record)
+    latent, k_rope = compress_kv(x, w, config, record)
     cos, sin = cos_sin(positions, config.rope, r)  # [T, r/2]
     q_rope = apply_rope(q_rope, cos[:, None, :], sin[:, None, :])  # same angle for every head
     k_rope = apply_rope(k_rope, cos, sin)

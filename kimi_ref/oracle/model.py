@@ -24,7 +24,7 @@ import numpy as np
 
 from kimi_ref.config import KimiConfig
 from kimi_ref.oracle.experts import dense_mlp, moe
-from kimi_ref.oracle.mla import mla
+from kimi_ref.oracle.mla import Record, mla
 from kimi_ref.oracle.norms import rms_norm
 
 __all__ = ["sub_weights", "new_cache", "cache_length", "decoder_layer", "hidden_states", "logits"]
@@ -48,22 +48,39 @@ def cache_length(cache: list[dict[str, np.ndarray]] | None) -> int:
 
 
 def decoder_layer(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, layer_idx: int, positions: np.ndarray,
-                  cache: dict[str, np.ndarray] | None = None, *, form: str = "naive") -> np.ndarray:
-    """One pre-norm block [B,T,d] -> [B,T,d]; ``w`` holds the layer's tensors named relative to ``model.layers.i.``."""
+                  cache: dict[str, np.ndarray] | None = None, *, form: str = "naive",
+                  record: Record | None = None) -> np.ndarray:
+    """One pre-norm block [B,T,d] -> [B,T,d]; ``w`` holds the layer's tensors named relative to ``model.layers.i.``.
+
+    ``record(name, array)``, if given, sees every named activation of the block (``docs/numerics.md``, traces)."""
+    note = record or (lambda name, value: None)
     eps = config.rms_norm_eps
     attn_in = rms_norm(x, w["input_layernorm.weight"], eps)
-    x = x + mla(attn_in, sub_weights(w, "self_attn."), config, positions, cache, form)
+    note("attn_in", attn_in)
+    attn_out = mla(attn_in, sub_weights(w, "self_attn."), config, positions, cache, form, record)
+    note("attn_out", attn_out)
+    x = x + attn_out
 
     mlp_in = rms_norm(x, w["post_attention_layernorm.weight"], eps)
+    note("mlp_in", mlp_in)
     flat = mlp_in.reshape(-1, mlp_in.shape[-1])  # the MLP sees tokens, not sequences
     mlp_w = sub_weights(w, "mlp.")
-    out = moe(flat, mlp_w, config) if config.is_moe_layer(layer_idx) else dense_mlp(flat, mlp_w)
-    return x + out.reshape(x.shape)
+    if config.is_moe_layer(layer_idx):
+        # the router's per-token arrays come back [B·T, ...]: give them the batch shape of everything else
+        out = moe(flat, mlp_w, config, record and (lambda name, v: record(name, v.reshape(*x.shape[:2], -1))))
+    else:
+        out = dense_mlp(flat, mlp_w)
+    note("mlp_out", out.reshape(x.shape))
+    x = x + out.reshape(x.shape)
+    note("residual", x)
+    return x
 
 
 def hidden_states(input_ids: np.ndarray, weights: dict[str, np.ndarray], config: KimiConfig, *,
-                  cache: list[dict[str, np.ndarray]] | None = None, form: str = "naive") -> np.ndarray:
-    """The final-norm hidden states [B,T,d] (what lm_head reads)."""
+                  cache: list[dict[str, np.ndarray]] | None = None, form: str = "naive",
+                  record: Record | None = None) -> np.ndarray:
+    """The final-norm hidden states [B,T,d] (what lm_head reads); ``record`` sees ``embed``,
+    ``layers.{i}.<name>`` for every block and ``final_norm``."""
     ids = _check_ids(input_ids, config)
     if cache is not None and len(cache) != config.num_hidden_layers:
         raise ValueError(f"cache has {len(cache)} layers, the config has {config.num_hidden_layers}; "
@@ -71,22 +88,33 @@ def hidden_states(input_ids: np.ndarray, weights: dict[str, np.ndarray], config:
     start = cache_length(cache)
     positions = np.arange(start, start + ids.shape[1])
     x = np.asarray(weights["model.embed_tokens.weight"], dtype=np.float64)[ids]
+    if record is not None:
+        record("embed", x)
     for i in range(config.num_hidden_layers):
         layer_w = sub_weights(weights, f"model.layers.{i}.")
-        x = decoder_layer(x, layer_w, config, i, positions, None if cache is None else cache[i], form=form)
-    return rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
+        layer_record = record and (lambda name, v, i=i: record(f"layers.{i}.{name}", v))
+        x = decoder_layer(x, layer_w, config, i, positions, None if cache is None else cache[i], form=form,
+                          record=layer_record)
+    out = rms_norm(x, weights["model.norm.weight"], config.rms_norm_eps)
+    if record is not None:
+        record("final_norm", out)
+    return out
 
 
 def logits(input_ids: np.ndarray, weights: dict[str, np.ndarray], config: KimiConfig, *,
-           cache: list[dict[str, np.ndarray]] | None = None, form: str = "naive") -> np.ndarray:
-    """Next-token logits [B,T,V] in float64."""
-    h = hidden_states(input_ids, weights, config, cache=cache, form=form)
+           cache: list[dict[str, np.ndarray]] | None = None, form: str = "naive",
+           record: Record | None = None) -> np.ndarray:
+    """Next-token logits [B,T,V] in float64 (``record``: see :func:`hidden_states`; it also sees ``logits``)."""
+    h = hidden_states(input_ids, weights, config, cache=cache, form=form, record=record)
     head = weights.get("lm_head.weight")
     if head is None and config.tie_word_embeddings:
         head = weights["model.embed_tokens.weight"]  # tied: the output projection is the embedding
     if head is None:
         raise KeyError("lm_head.weight is missing and tie_word_embeddings is false")
-    return h @ np.asarray(head, dtype=np.float64).T
+    out = h @ np.asarray(head, dtype=np.float64).T
+    if record is not None:
+        record("logits", out)
+    return out
 
 
 def _check_ids(input_ids: np.ndarray, config: KimiConfig) -> np.ndarray:
