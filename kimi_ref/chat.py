@@ -3,13 +3,21 @@
     python -m kimi_ref.chat                                  # the embedded tiny checkpoint, CPU (answers are noise)
     python -m kimi_ref.chat --ckpt DIR --tp 8                # the real checkpoint on 8 GPUs
     python -m kimi_ref.chat --ckpt DIR --tp 2 --device cpu --prompt "..." --max-new-tokens N --seed S
-    python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: 1.0 and --top-p 0.95)
+    python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: generation_config.json, else 1.0 / 0.95)
+    python -m kimi_ref.chat --ckpt DIR --template checkpoint  # render with the checkpoint's own chat_template.jinja
     python -m kimi_ref.chat ... --tools demo | --tools FILE.json   --save FILE.json   --load FILE.json
     python -m kimi_ref.chat --ckpt DIR --image cat.png --prompt "What is in the picture?"   # K2.5+ checkpoints
 
+The checkpoint decides (:mod:`kimi_ref.checkpoint_chat`): the template variant comes from its
+``chat_template.jinja`` (or the variant its ``tokenizer_config.json`` records; ``--variant`` overrides),
+kimi_ref's template is proven equal to the checkpoint's on a built-in suite before the model loads (or
+refused with a diff; ``--template checkpoint`` renders with the checkpoint's own through jinja2), the
+special-token ids are checked, and ``generation_config.json`` sets the sampling defaults and extra stop
+ids. The chat prints the variant chosen and why, and the sampling and where it came from.
+
 One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
 
-    messages + tools --chat_template.render_ids--> prompt ids   (reasoning of earlier turns kept:
+    messages + tools --ChatSetup.render_ids--> prompt ids       (reasoning of earlier turns kept:
                                                                  preserve_thinking, forced for K2.7-Code)
     --generate.generate--> new ids, streamed one by one into tool_parsing.StreamParser
                            reasoning deltas print under [reasoning], content under [answer]
@@ -268,6 +276,7 @@ class Settings:
     force: bool = False  # --save may replace an existing file
     max_tool_rounds: int = 8
     timings: bool = True
+    setup: Any = None  # the checkpoint's ChatSetup (template, proof, sampling); None: kimi_ref's `variant` template
 
 
 class _Interrupt:
@@ -359,7 +368,10 @@ class Session:
         self.out, self.inp = out or sys.stdout, inp or sys.stdin
         self.printer = _Printer(self.out)
         self.stop_ids = stop_ids_for(tokenizer, model.config)
+        if settings.setup is not None:  # generation_config.json's eos ids stop an answer too
+            self.stop_ids += tuple(i for i in settings.setup.sampling.eos_token_ids if i not in self.stop_ids)
         self.end_think = tokenizer.special_tokens.get("</think>")
+        self.open_think = tokenizer.special_tokens.get("<think>")
         self.generator = make_generator(settings.seed)
         self.images = images if images is not None else ImageTable(_session_images(settings), settings.ckpt)
         self.pending_images = list(settings.images)  # attached to the next user message, once
@@ -378,8 +390,21 @@ class Session:
         from kimi_ref.chat_template import render_ids
 
         preserve = True if self.s.variant in VARIANTS_WITH_PRESERVE else None
+        if self.s.setup is not None:
+            return self.s.setup.render_ids(self.messages, self.tok, tools=self.s.tools or None, thinking=True,
+                                           preserve_thinking=preserve, add_generation_prompt=True)
         return render_ids(self.messages, self.tok, tools=self.s.tools or None, variant=self.s.variant,
                           thinking=True, preserve_thinking=preserve, add_generation_prompt=True)
+
+    def _budget(self, prompt_tokens: int) -> int:
+        """New tokens allowed for this generation: --max-new-tokens, within generation_config.json's max_length."""
+        max_length = self.s.setup.sampling.max_length if self.s.setup is not None else None
+        if max_length is None:
+            return self.s.max_new_tokens
+        if prompt_tokens >= max_length:
+            raise ContextError(f"the prompt is {prompt_tokens} tokens, but generation_config.json's max_length is "
+                               f"{max_length} (prompt and answer together): /reset, or start without --load")
+        return min(self.s.max_new_tokens, max_length - prompt_tokens)
 
     def user_turn(self, text: str) -> bool:
         """One user message and everything it triggers; False if it was refused (history unchanged)."""
@@ -438,9 +463,13 @@ class Session:
         self._save()
 
     def _assistant(self) -> tuple[dict, str]:
+        from kimi_ref.chat_template import ChatTemplateError
         from kimi_ref.tool_parsing import StreamParser
 
-        ids = self.prompt_ids()
+        try:
+            ids = self.prompt_ids()
+        except ChatTemplateError as e:  # e.g. --template checkpoint and a typed special token: refuse the turn
+            raise ContextError(str(e)) from None
         chosen = self.images.indices(message_images(self.messages))
         media = self.images.media(chosen)
         try:
@@ -448,12 +477,16 @@ class Session:
         except ValueError as e:  # e.g. a typed "<|media_pad|>" that has no image: refuse the turn, not crash
             raise ContextError(str(e)) from None
         check_context(length, self.model.config.max_position_embeddings)  # before any rank starts
-        _command(self.tp, self.device, _GENERATE, self.s.max_new_tokens)
+        budget = self._budget(length)
+        _command(self.tp, self.device, _GENERATE, budget)
         send_ids(ids, self.tp, self.device)
         send_ids(chosen, self.tp, self.device)
-        parser = StreamParser(self.tok, starts_in_reasoning=True)
+        # K2.5+ prompts end with <think>, so the answer starts inside the reasoning; K2-Thinking's model
+        # writes <think> itself, and K2-Instruct does not think.
+        in_reasoning = bool(ids) and ids[-1] == self.open_think
+        parser = StreamParser(self.tok, starts_in_reasoning=in_reasoning)
         counts = {"reasoning": 0, "answer": 0}
-        phase = ["reasoning"]
+        phase = ["reasoning" if in_reasoning else "answer"]
 
         def on_token(token: int) -> None:
             if token in self.stop_ids:
@@ -467,7 +500,7 @@ class Session:
                 self.printer.delta(d)
 
         with _Interrupt() as interrupt:
-            result = generate(self.model, ids, max_new_tokens=self.s.max_new_tokens, temperature=self.s.temperature,
+            result = generate(self.model, ids, max_new_tokens=budget, temperature=self.s.temperature,
                               top_p=self.s.top_p, generator=self.generator, stop_ids=self.stop_ids,
                               on_token=on_token, should_stop=lambda: interrupt.requested, tp=self.tp, media=media)
         for d in parser.finish():
@@ -618,14 +651,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype of the dense weights (default: the config's)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"], help="kernels (default torch)")
-    p.add_argument("--variant", default="k2.7-code", help="chat template variant (default k2.7-code)")
+    p.add_argument("--variant", default=None,
+                   help="chat template variant (default: the checkpoint's, from its chat_template.jinja or the "
+                        "variant its tokenizer_config.json records)")
+    p.add_argument("--template", default="kimi_ref", choices=["kimi_ref", "checkpoint"],
+                   help="kimi_ref (default): kimi_ref's template, proven equal to the checkpoint's own at start; "
+                        "checkpoint: render with the checkpoint's chat template through jinja2")
     p.add_argument("--prompt", help="one message, answer, exit (no REPL)")
     p.add_argument("--system", help="a system message opening the conversation")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="attach an image to the first user message (repeatable; K2.5+ checkpoints with a vision tower)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE, help="0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="nucleus mass (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS, help="per generation")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"0 = greedy (default: generation_config.json's, else {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"nucleus mass (default: generation_config.json's, else {DEFAULT_TOP_P})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"per generation (default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions "
                    "(default: the checkpoint's tools.json, if it has one)")
@@ -646,14 +687,15 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
 
     if args.tp < 1:
         raise ChatError(f"--tp must be at least 1, found {args.tp}")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens must be at least 1, found {args.max_new_tokens}")
     if args.max_tool_rounds < 0:
         raise ChatError(f"--max-tool-rounds must be at least 0, found {args.max_tool_rounds}")
-    if args.variant not in VARIANTS:
+    if args.variant is not None and args.variant not in VARIANTS:
         raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
     try:
-        check_sampling(args.temperature, args.top_p)
+        check_sampling(DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+                       DEFAULT_TOP_P if args.top_p is None else args.top_p)
     except ValueError as e:
         raise ChatError(f"--temperature / --top-p: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -674,6 +716,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
     parallel.validate_tp(checkpoint.config, args.tp)
+    setup, sampling = _chat_setup(args, ckpt, checkpoint.config)
+    variant = setup.variant
     # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).
     tools = load_tools(args.tools) if args.tools else checkpoint_tools(ckpt)
     history: list[dict] = []
@@ -695,7 +739,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         _check_vision(checkpoint.config, ckpt, f"--load {args.load} (its messages hold images)")
     table = ImageTable(message_images(history) + images, ckpt)  # refuses missing / unreadable files now
     if args.prompt is not None:
-        from kimi_ref.chat_template import render_ids
+        from kimi_ref.chat_template import ChatTemplateError
         from kimi_ref.tokenizer import Tokenizer
 
         messages = history + ([{"role": "system", "content": args.system}] if args.system and not history else [])
@@ -703,20 +747,64 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         if images:
             content = [image_part(s) for s in images] + [{"type": "text", "text": args.prompt}]
         messages = messages + [{"role": "user", "content": content}]
-        preserve = True if args.variant in VARIANTS_WITH_PRESERVE else None
-        ids = render_ids(messages, Tokenizer.from_pretrained(ckpt), tools=tools or None, variant=args.variant,
-                         preserve_thinking=preserve)
+        preserve = True if variant in VARIANTS_WITH_PRESERVE else None
+        try:
+            ids = setup.render_ids(messages, Tokenizer.from_pretrained(ckpt), tools=tools or None,
+                                   preserve_thinking=preserve)
+        except ChatTemplateError as e:
+            raise ChatError(f"--prompt: {e}") from None
         try:
             n = expanded_length(ids, table.media(table.indices(message_images(messages))), checkpoint.config)
         except ValueError as e:
             raise ChatError(str(e)) from None
         check_context(n, checkpoint.config.max_position_embeddings)
-    settings = Settings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=args.variant,
-                        temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+        if setup.sampling.max_length is not None and n >= setup.sampling.max_length:
+            raise ContextError(f"the prompt is {n} tokens, but generation_config.json's max_length is "
+                               f"{setup.sampling.max_length} (prompt and answer together)")
+    settings = Settings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=variant,
+                        temperature=sampling[0], top_p=sampling[1], max_new_tokens=sampling[2],
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
-                        history=history,
-                        save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds, timings=not args.no_timings)
+                        history=history, save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds,
+                        timings=not args.no_timings, setup=setup)
     return settings, args.tp
+
+
+def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int]]:
+    """The checkpoint's ChatSetup and the (temperature, top_p, max_new_tokens) to use; says both on stderr."""
+    from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
+    from kimi_ref.launch import torchrun_env
+
+    try:
+        setup = chat_setup(ckpt, args.variant, args.template, layout=config.layout)
+    except ChatSetupError as e:
+        raise ChatError(str(e)) from None
+    s = setup.sampling
+    temperature = s.temperature if args.temperature is None else args.temperature
+    top_p = s.top_p if args.top_p is None else args.top_p
+    max_new = s.max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    try:
+        check_sampling(temperature, top_p)
+    except ValueError as e:
+        raise ChatError(f"{s.sources.get('temperature')} / {s.sources.get('top_p')}: {e}") from None
+    if (torchrun_env() or (0,))[0] != 0:  # under torchrun, say it once
+        return setup, (temperature, top_p, max_new)
+
+    def said(name: str, value: Any, flag: str) -> str:
+        return f"{value} ({'--' + flag if getattr(args, flag.replace('-', '_')) is not None else s.sources[name]})"
+
+    print(f"({setup.describe()})", file=sys.stderr)
+    extra = "".join(f"; {k} {v} ({s.sources[k]})" for k, v in
+                    (("max_length", s.max_length), ("eos_token_id", list(s.eos_token_ids))) if k in s.sources)
+    print(f"(sampling: temperature {said('temperature', temperature, 'temperature')}, top-p "
+          f"{said('top_p', top_p, 'top-p')}, max new tokens {said('max_new_tokens', max_new, 'max-new-tokens')}"
+          f"{extra})", file=sys.stderr)
+    for note in setup.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if setup.variant == "k2.7-code" and (temperature, top_p) != K27_CODE_SAMPLING:
+        print(f"note: K2.7-Code was trained for temperature {K27_CODE_SAMPLING[0]} and top-p {K27_CODE_SAMPLING[1]} "
+              f"(thinking on, earlier reasoning kept); temperature {temperature}, top-p {top_p} is not what it was "
+              "trained for", file=sys.stderr)
+    return setup, (temperature, top_p, max_new)
 
 
 def main(argv: list[str] | None = None) -> int:

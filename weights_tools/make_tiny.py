@@ -1,6 +1,6 @@
 """Make a tiny checkpoint in exactly the real Kimi layout: ``python -m weights_tools.make_tiny OUT``.
 
-    python -m weights_tools.make_tiny OUT [--layout kimi_k25|flat] [--seed S] [--force]
+    python -m weights_tools.make_tiny OUT [--layout kimi_k25|flat] [--variant V] [--seed S] [--force]
 
 Everything a real K2.5 / K2.7-Code directory has, at toy size (d = 64, 3 layers, 8 heads, 8 experts top-2,
 vocabulary 4096), so that loading, the oracle, the CLI and the chapters exercise the real code paths:
@@ -11,7 +11,10 @@ vocabulary 4096), so that loading, the oracle, the CLI and the chapters exercise
     model-00001-of-000006…          split like the real one: dense layer 0, one shard per MoE layer,
                                     embed_tokens + norm + lm_head, mm_projector, vision_tower last
                                     (the real files count with 5 digits, then "of" 6: model-00001-of-000064)
-    tiktoken.model, tokenizer_config.json   the demo vocabulary (kimi_ref/data/tokenizer; 4096 ids)
+    tiktoken.model, tokenizer_config.json   the demo vocabulary (kimi_ref/data/tokenizer; 4096 ids); the
+                                    tokenizer config also records the chat template variant
+                                    (``kimi_ref_chat_variant``: k2.7-code for kimi_k25, k2-thinking for
+                                    flat, or --variant), so the chat never has to guess it
     preprocessor_config.json        (kimi_k25 layout) MoonViT image preprocessing
 
 Weights: routed experts INT4 (compressed-tensors pack-quantized, quantized from bf16 with
@@ -39,7 +42,9 @@ from safetensors.torch import save_file
 
 import kimi_ref
 from kimi_ref import int4
+from kimi_ref.chat_template import VARIANTS
 from kimi_ref.checkpoint import INDEX_FILE, ITEMSIZE, expected_tensors, flat_name, is_quantized
+from kimi_ref.checkpoint_chat import VARIANT_FIELD
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 
 from ._cli import FAILURE, INTERRUPTED, USAGE, fail
@@ -51,6 +56,7 @@ __all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "
 
 TINY_VOCAB = 4096  # the demo tokenizer: 3840 BPE ranks + 256 special slots
 LAYOUTS = {"kimi_k25": "kimi_k25", "flat": "kimi_k2_thinking"}  # --layout → shipped config fixture
+DEFAULT_VARIANTS = {"kimi_k25": "k2.7-code", "flat": "k2-thinking"}  # --layout → the chat template it records
 DATA = Path(kimi_ref.__file__).parent / "data"
 TOKENIZER_FILES = ("tiktoken.model", "tokenizer_config.json")
 
@@ -149,19 +155,23 @@ def random_tensors(config: KimiConfig, seed: int = 0) -> dict[str, torch.Tensor]
 
 
 def make_tiny(out: str | Path, layout: str = "kimi_k25", seed: int = 0, *, force: bool = False,
-              tokenizer: bool = True) -> Path:
+              tokenizer: bool = True, variant: str | None = None) -> Path:
     """Write the tiny checkpoint as directory ``out`` (created; if it exists it must be empty, or
-    ``force`` replaces the checkpoint in it as a whole)."""
+    ``force`` replaces the checkpoint in it as a whole). ``variant``: the chat template variant its
+    tokenizer config records (default: the layout's, :data:`DEFAULT_VARIANTS`)."""
     config = tiny_checkpoint_config(layout)
     check_dir(out, force=force)
-    return write_checkpoint(out, config, random_tensors(config, seed), force=force, tokenizer=tokenizer)
+    return write_checkpoint(out, config, random_tensors(config, seed), force=force, tokenizer=tokenizer,
+                            variant=variant or DEFAULT_VARIANTS[layout])
 
 
 def write_checkpoint(out: str | Path, config: KimiConfig, tensors: dict[str, torch.Tensor], *, force: bool = False,
-                     tokenizer: bool = True, extra: Callable[[Path], None] | None = None) -> Path:
+                     tokenizer: bool = True, extra: Callable[[Path], None] | None = None,
+                     variant: str | None = None) -> Path:
     """Write ``tensors`` ({stored name: tensor}, exactly ``expected_tensors(config)``) as a checkpoint
     directory in the real layout: shards split as :func:`shard_plan`, the index, ``config.json``, the
-    demo tokenizer (``tokenizer``) and, with vision, ``preprocessor_config.json``. Also used by
+    demo tokenizer (``tokenizer``; its ``tokenizer_config.json`` records ``variant``, by default k2.7-code
+    for the kimi_k25 layout and k2-thinking for flat) and, with vision, ``preprocessor_config.json``. Also used by
     ``weights_tools.train_nano`` for trained weights; ``extra(directory)`` adds its own files.
 
     The directory is built under a temporary name and renamed into place (:mod:`weights_tools.safe_write`):
@@ -178,12 +188,15 @@ def write_checkpoint(out: str | Path, config: KimiConfig, tensors: dict[str, tor
         raise MakeTinyError(f"tensors do not match {config.source}: missing {missing[:5]}, unexpected {unexpected[:5]}, "
                             f"wrong {wrong[:5]}")
     sources = [DATA / "tokenizer" / f for f in TOKENIZER_FILES] if tokenizer else []
+    variant = variant or DEFAULT_VARIANTS[config.layout]
+    if variant not in VARIANTS:
+        raise MakeTinyError(f"variant must be one of {', '.join(VARIANTS)}, found {variant!r}")
     absent = [str(p) for p in sources if not p.is_file()]
     if absent:
         raise MakeTinyError(f"demo tokenizer file(s) missing: {absent} (they ship with kimi_ref in kimi_ref/data/tokenizer/)")
 
     def fill(directory: Path) -> None:
-        _write_files(directory, config, tensors, list(expected), sources)
+        _write_files(directory, config, tensors, list(expected), sources, variant)
         if extra is not None:
             extra(directory)
 
@@ -191,7 +204,7 @@ def write_checkpoint(out: str | Path, config: KimiConfig, tensors: dict[str, tor
 
 
 def _write_files(out: Path, config: KimiConfig, tensors: dict[str, torch.Tensor], names: list[str],
-                 sources: list[Path]) -> None:
+                 sources: list[Path], variant: str) -> None:
     groups = shard_plan(config, names)  # the same order whatever order the dict came in
     weight_map: dict[str, str] = {}
     total = 0
@@ -207,7 +220,13 @@ def _write_files(out: Path, config: KimiConfig, tensors: dict[str, torch.Tensor]
     (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     config.save(out / "config.json")
     for src in sources:
-        shutil.copyfile(src, out / src.name)
+        if src.name == "tokenizer_config.json":  # the demo config, plus the variant it is to be chatted with
+            tokenizer_config = json.loads(src.read_text(encoding="utf-8"))
+            tokenizer_config[VARIANT_FIELD] = variant
+            (out / src.name).write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False) + "\n",
+                                        encoding="utf-8")
+        else:
+            shutil.copyfile(src, out / src.name)
     if config.vision is not None:
         shutil.copyfile(DATA / "configs" / "kimi_k25_preprocessor_config.json", out / "preprocessor_config.json")
 
@@ -257,6 +276,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layout", default="kimi_k25", choices=sorted(LAYOUTS),
                         help="kimi_k25: nested config, language_model.* names, vision (K2.5/K2.7-Code); "
                              "flat: model.* names, no vision (K2-Thinking)")
+    parser.add_argument("--variant", default=None, choices=VARIANTS,
+                        help="the chat template variant the checkpoint records (default: k2.7-code for kimi_k25, "
+                             "k2-thinking for flat)")
     parser.add_argument("--seed", type=int, default=0, help="weights are a function of the seed (default 0)")
     parser.add_argument("--force", action="store_true", help="replace the checkpoint in a non-empty directory")
     args = parser.parse_args(argv)
@@ -265,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     except OutputError as e:
         return fail("make_tiny", e, USAGE)
     try:
-        out = make_tiny(args.out, args.layout, args.seed, force=args.force)
+        out = make_tiny(args.out, args.layout, args.seed, force=args.force, variant=args.variant)
     except (MakeTinyError, OutputError) as e:
         return fail("make_tiny", e, FAILURE)
     except KeyboardInterrupt:
@@ -273,7 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     index = json.loads((out / INDEX_FILE).read_text())
     shards = sorted(set(index["weight_map"].values()))
     print(f"wrote {out}: {len(index['weight_map'])} tensors in {len(shards)} shards, "
-          f"{index['metadata']['total_size'] / 1e6:.2f} MB ({args.layout} layout, seed {args.seed})")
+          f"{index['metadata']['total_size'] / 1e6:.2f} MB ({args.layout} layout, seed {args.seed}, chat variant "
+          f"{args.variant or DEFAULT_VARIANTS[args.layout]})")
     return 0
 
 

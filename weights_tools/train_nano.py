@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         (directory / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
 
     try:
-        out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=args.force, extra=extra)
+        out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=args.force, extra=extra,
+                               variant=nano_data.VARIANT)  # recorded in tokenizer_config.json: what it was trained on
     except OutputError as e:
         return fail("train_nano", e, FAILURE)
     except KeyboardInterrupt:
