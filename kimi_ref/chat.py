@@ -716,7 +716,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
     parallel.validate_tp(checkpoint.config, args.tp)
-    setup, sampling = _chat_setup(args, ckpt, checkpoint.config)
+    setup, sampling, said = _chat_setup(args, ckpt, checkpoint.config)
     variant = setup.variant
     # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).
     tools = load_tools(args.tools) if args.tools else checkpoint_tools(ckpt)
@@ -766,13 +766,15 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
                         history=history, save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds,
                         timings=not args.no_timings, setup=setup)
+    if (torchrun_env() or (0,))[0] == 0:  # once everything is accepted; under torchrun, once
+        for line in said:
+            print(line, file=sys.stderr)
     return settings, args.tp
 
 
-def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int]]:
-    """The checkpoint's ChatSetup and the (temperature, top_p, max_new_tokens) to use; says both on stderr."""
+def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int], list[str]]:
+    """The checkpoint's ChatSetup, the (temperature, top_p, max_new_tokens) to use, and the lines saying so."""
     from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
-    from kimi_ref.launch import torchrun_env
 
     try:
         setup = chat_setup(ckpt, args.variant, args.template, layout=config.layout)
@@ -786,25 +788,21 @@ def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any,
         check_sampling(temperature, top_p)
     except ValueError as e:
         raise ChatError(f"{s.sources.get('temperature')} / {s.sources.get('top_p')}: {e}") from None
-    if (torchrun_env() or (0,))[0] != 0:  # under torchrun, say it once
-        return setup, (temperature, top_p, max_new)
-
     def said(name: str, value: Any, flag: str) -> str:
         return f"{value} ({'--' + flag if getattr(args, flag.replace('-', '_')) is not None else s.sources[name]})"
 
-    print(f"({setup.describe()})", file=sys.stderr)
+    lines = [f"({line})" for line in setup.describe().splitlines()]
     extra = "".join(f"; {k} {v} ({s.sources[k]})" for k, v in
                     (("max_length", s.max_length), ("eos_token_id", list(s.eos_token_ids))) if k in s.sources)
-    print(f"(sampling: temperature {said('temperature', temperature, 'temperature')}, top-p "
-          f"{said('top_p', top_p, 'top-p')}, max new tokens {said('max_new_tokens', max_new, 'max-new-tokens')}"
-          f"{extra})", file=sys.stderr)
-    for note in setup.notes:
-        print(f"note: {note}", file=sys.stderr)
+    lines.append(f"(sampling: temperature {said('temperature', temperature, 'temperature')}, top-p "
+                 f"{said('top_p', top_p, 'top-p')}, max new tokens {said('max_new_tokens', max_new, 'max-new-tokens')}"
+                 f"{extra})")
+    lines += [f"note: {note}" for note in setup.notes]
     if setup.variant == "k2.7-code" and (temperature, top_p) != K27_CODE_SAMPLING:
-        print(f"note: K2.7-Code was trained for temperature {K27_CODE_SAMPLING[0]} and top-p {K27_CODE_SAMPLING[1]} "
-              f"(thinking on, earlier reasoning kept); temperature {temperature}, top-p {top_p} is not what it was "
-              "trained for", file=sys.stderr)
-    return setup, (temperature, top_p, max_new)
+        lines.append(f"note: K2.7-Code was trained for temperature {K27_CODE_SAMPLING[0]} and top-p "
+                     f"{K27_CODE_SAMPLING[1]} (thinking on, earlier reasoning kept); temperature {temperature}, "
+                     f"top-p {top_p} is not what it was trained for")
+    return setup, (temperature, top_p, max_new), lines
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -35,7 +35,7 @@ from kimi_ref.chat_template import VARIANTS, ChatTemplateError, render, render_i
 from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kimi_ref.tokenizer import KIMI_SPECIAL_TOKENS, load_ranks
 
-__all__ = ["ChatSetupError", "ChatSetup", "Sampling", "VARIANT_FIELD", "TEMPLATE_MODES", "K27_CODE_SAMPLING",
+__all__ = ["ChatSetupError", "VariantUnknown", "ChatSetup", "Sampling", "VARIANT_FIELD", "TEMPLATE_MODES", "K27_CODE_SAMPLING",
            "chat_setup", "fingerprint", "read_template", "check_special_tokens", "read_generation_config",
            "required_tokens"]
 
@@ -52,6 +52,10 @@ K27_CODE_SAMPLING = (1.0, 0.95)
 
 class ChatSetupError(ValueError):
     """A checkpoint file contradicts kimi_ref or itself (named, with what was found and what was expected)."""
+
+
+class VariantUnknown(ChatSetupError):
+    """The checkpoint does not say which template it uses (none shipped, none recorded, or unrecognised)."""
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -307,11 +311,12 @@ def chat_setup(ckpt: str | Path, variant: str | None = None, template: str = "ki
     if variant is not None and variant not in VARIANTS:
         raise ChatSetupError(f"variant {variant!r}: expected one of {', '.join(VARIANTS)}")
     source, where = read_template(ckpt)
-    detected, why = _detect(ckpt, source, where, layout)
+    # --variant is the user saying what the model is: the layout check is theirs to skip.
+    detected, why = _detect(ckpt, source, where, None if variant is not None else layout, check_layout=variant is None)
     notes: list[str] = []
     if variant is None:
         if detected is None:
-            raise ChatSetupError(f"{ckpt}: cannot tell which Kimi template this checkpoint uses: {why}; "
+            raise VariantUnknown(f"{ckpt}: cannot tell which Kimi template this checkpoint uses: {why}; "
                                  f"pass --variant ({', '.join(VARIANTS)})"
                                  + ("" if source is None else " and --template checkpoint to render with its own"))
         chosen, reason = detected, why
@@ -345,7 +350,8 @@ def chat_setup(ckpt: str | Path, variant: str | None = None, template: str = "ki
     return ChatSetup(chosen, reason, template, proof, _sampling(ckpt, chosen), source, where, tuple(notes))
 
 
-def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | None) -> tuple[str | None, str]:
+def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | None,
+            check_layout: bool = True) -> tuple[str | None, str]:
     recorded = _tokenizer_config(ckpt).get(VARIANT_FIELD)
     if recorded is not None and recorded not in VARIANTS:
         raise ChatSetupError(f"{ckpt / TOKENIZER_CONFIG}: {VARIANT_FIELD} {recorded!r} is not one of "
@@ -362,6 +368,8 @@ def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | Non
         return None, f"it ships no chat template ({TEMPLATE_FILE}, or {TOKENIZER_CONFIG}'s chat_template) and no {VARIANT_FIELD}"
     if variant is None:
         return None, f"{where}: an unrecognised template ({why.split(': ', 1)[-1]})"
+    if not check_layout:
+        return variant, why
     if layout is None and (ckpt / "config.json").is_file():
         from kimi_ref.config import load_config
 

@@ -155,6 +155,9 @@ SUITE: tuple[Case, ...] = (
                                {"role": "assistant", "content": "a", "reasoning": "new", "reasoning_content": "old"},
                                {"role": "user", "content": "q2"})),
     Case("tool declarations", ({"role": "user", "content": "Weather in Paris?"},), tools=tuple(_WEATHER)),
+    # Nothing the TypeScript encoder declares (a built-in tool): K2.5+ fall back to compact JSON.
+    Case("tools declared as JSON", ({"role": "user", "content": "Search the web."},),
+         tools=({"type": "builtin_function", "function": {"name": "$web_search"}},)),
     Case("tool calls and results", (
         {"role": "system", "content": "You are Kimi."},
         {"role": "user", "content": "Weather in Paris and Rome?"},

@@ -241,6 +241,7 @@ def _digest() -> str:
     parts = [here, DATA / "configs" / "kimi_k25.json", DATA / "configs" / "kimi_k2_thinking.json",
              DATA / "configs" / "kimi_k25_preprocessor_config.json", Path(kimi_ref.__file__).parent / "config.py",
              Path(kimi_ref.__file__).parent / "checkpoint.py", Path(kimi_ref.__file__).parent / "int4.py",
+             Path(kimi_ref.__file__).parent / "checkpoint_chat.py",
              *(DATA / "tokenizer" / f for f in TOKENIZER_FILES)]
     h = hashlib.sha256()
     for p in parts:

@@ -3,7 +3,11 @@
 Every tensor the config implies (``kimi_ref.checkpoint.expected_tensors``) must be in the index, in the
 shard the index names, with the right shape and dtype; no shard may be missing or truncated; nothing
 unexpected may be there (multi-token-prediction layers excepted); every INT4 ``weight_shape`` must hold
-the config's (out, in). All problems are listed, not just the first. Exit status 0 = sound, 1 = problems,
+the config's (out, in). Then what the chat relies on (:func:`kimi_ref.checkpoint_chat.chat_setup`, the same check the chat runs at
+load time): the chat template variant the checkpoint's files name, its special-token ids against
+kimi_ref's table, ``generation_config.json``, and -- when the checkpoint ships a chat template and jinja2
+is installed -- kimi_ref's template rendered against it byte for byte on the built-in suite.
+All problems are listed, not just the first. Exit status 0 = sound, 1 = problems,
 2 = not a checkpoint it can open, 130 = interrupted.
 Reads the headers and the tiny ``weight_shape`` tensors only -- unless ``--scan``, which also reads every
 value and names each floating-point tensor holding NaN or Inf (slow on the real 595 GB: all of it is read).
@@ -22,13 +26,29 @@ from kimi_ref.config import ConfigError
 
 from ._cli import FAILURE, INTERRUPTED, OK, USAGE, fail
 
-__all__ = ["problems", "scan", "unindexed_shards", "main"]
+__all__ = ["problems", "chat_check", "scan", "unindexed_shards", "main"]
 
 
 def problems(path: str | Path) -> tuple[Checkpoint, list[str]]:
     """(the opened checkpoint, every problem found)."""
     ckpt = Checkpoint.open(path)
     return ckpt, ckpt.problems + ckpt.check_weight_shapes()
+
+
+def chat_check(ckpt: Checkpoint, variant: str | None = None) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the chat setup: what ``python -m kimi_ref.chat --ckpt DIR`` would decide or refuse."""
+    from kimi_ref.checkpoint_chat import ChatSetupError, VariantUnknown, chat_setup
+
+    names = ("tokenizer_config.json", "chat_template.jinja", "generation_config.json")
+    if not any((ckpt.path / name).is_file() for name in names):
+        return [], [f"no {', '.join(names)}: the chat-template checks were skipped"]
+    try:
+        setup = chat_setup(ckpt.path, variant, layout=ckpt.config.layout)
+    except VariantUnknown as e:
+        return [], [f"{e} (verify --variant V checks it as V)"]
+    except ChatSetupError as e:
+        return [str(e)], []
+    return [], setup.describe().splitlines() + list(setup.notes)
 
 
 # Safetensors files a checkpoint may hold beside its shards (train_nano's experts before INT4).
@@ -65,11 +85,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.verify", description=__doc__.splitlines()[0])
     parser.add_argument("dir", help="checkpoint directory (config.json + safetensors)")
     parser.add_argument("--scan", action="store_true", help="also read every value: name tensors with NaN or Inf")
+    parser.add_argument("--variant", default=None,
+                        help="check the chat template as this variant (default: the one the checkpoint names)")
     args = parser.parse_args(argv)
     try:
         ckpt, found = problems(args.dir)
         if args.scan:
             found += scan(ckpt)
+        chat_problems, chat_notes = chat_check(ckpt, args.variant)
+        found += chat_problems
     except (CheckpointError, ConfigError, OSError) as e:
         return fail("verify", e, USAGE)
     except KeyboardInterrupt:
@@ -86,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
     values = ", every value finite" if args.scan else ""
     print(f"{ckpt.path}: OK: all {len(ckpt.expected)} tensors match {ckpt.config.source} in "
           f"{len(ckpt.shard_files)} shard(s){mtp}{values}")
+    for note in chat_notes:
+        print(f"chat: {note}")
     return OK
 
 
