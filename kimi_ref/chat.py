@@ -779,6 +779,8 @@ def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any,
     try:
         setup = chat_setup(ckpt, args.variant, args.template, layout=config.layout)
     except ChatSetupError as e:
+        if e.details:  # the proof's diff, above the one-line error
+            print(e.details, file=sys.stderr)
         raise ChatError(str(e)) from None
     s = setup.sampling
     temperature = s.temperature if args.temperature is None else args.temperature

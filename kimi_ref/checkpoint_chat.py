@@ -51,7 +51,12 @@ K27_CODE_SAMPLING = (1.0, 0.95)
 
 
 class ChatSetupError(ValueError):
-    """A checkpoint file contradicts kimi_ref or itself (named, with what was found and what was expected)."""
+    """A checkpoint file contradicts kimi_ref or itself (named, with what was found and what was expected).
+    ``details``: more lines for a person (the template proof's diff), beside the one-line message."""
+
+    def __init__(self, message: str, details: str = "") -> None:
+        super().__init__(message)
+        self.details = details
 
 
 class VariantUnknown(ChatSetupError):
@@ -343,7 +348,10 @@ def chat_setup(ckpt: str | Path, variant: str | None = None, template: str = "ki
         if not jinja_available():
             raise ChatSetupError("--template checkpoint renders through jinja2, an optional extra: "
                                  "pip install 'kimi-ref[template]'")
-        _compiled(source, where)  # a syntax error is refused now, not at the first prompt
+        try:
+            _compiled(source, where)  # a syntax error is refused now, not at the first prompt
+        except ChatTemplateError as e:
+            raise ChatSetupError(f"--template checkpoint: {e}") from None
         proof = "not compared with kimi_ref's (--template checkpoint)"
     else:
         proof = _prove(source, where, chosen)
@@ -391,8 +399,11 @@ def _prove(source: str | None, where: str | None, variant: str) -> str:
                "(pip install 'kimi-ref[template]')"
     try:
         return f"proven: {prove(source, variant, str(where))}"
-    except (TemplateMismatch, ChatTemplateError) as e:
-        raise ChatSetupError(f"{e}\n(use --template checkpoint to render with the checkpoint's own template)") from None
+    except TemplateMismatch as e:
+        raise ChatSetupError(f"{e} (use --template checkpoint to render with the checkpoint's own template)",
+                             e.diff) from None
+    except ChatTemplateError as e:  # the template does not compile or render: nothing to compare
+        raise ChatSetupError(str(e)) from None
 
 
 _COMPILED: dict[str, Any] = {}

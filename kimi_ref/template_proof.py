@@ -37,7 +37,12 @@ __all__ = ["TemplateMismatch", "Proof", "SUITE", "jinja_available", "compile_tem
 
 
 class TemplateMismatch(ValueError):
-    """kimi_ref's rendering and the checkpoint's template differ (the message holds the first case and a diff)."""
+    """kimi_ref's rendering and the checkpoint's template differ: the message (one line) names the first
+    differing conversation and character; ``diff`` is a unified diff of the two prompts."""
+
+    def __init__(self, message: str, diff: str = "") -> None:
+        super().__init__(message)
+        self.diff = diff
 
 
 def jinja_available() -> bool:
@@ -222,8 +227,9 @@ def prove(source: str, variant: str, where: str = "chat_template.jinja") -> Proo
                           thinking=thinking, preserve_thinking=preserve,
                           add_generation_prompt=case.add_generation_prompt)
         if ours != theirs:
+            head, diff = describe_difference(ours, theirs).split("\n", 1)
             raise TemplateMismatch(f"{where}: kimi_ref's {variant} template and the checkpoint's differ on the "
-                                   f"conversation {label}:\n{describe_difference(ours, theirs)}")
+                                   f"conversation {label}: {head}", diff)
     return Proof(variant, len(cases))
 
 

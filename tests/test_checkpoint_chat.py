@@ -187,11 +187,13 @@ def test_one_byte_changed_is_refused_with_a_diff(reference, tiny, tmp_path, vari
     ckpt = synthesize(tiny, tmp_path / "ckpt", LAYOUT_OF[variant], changed)
     with pytest.raises(ChatSetupError) as info:
         chat_setup(ckpt)
-    text = str(info.value)
+    text, diff = str(info.value), info.value.details
+    assert "\n" not in text  # one line; the diff beside it
     assert f"kimi_ref's {variant} template and the checkpoint's differ on the conversation '" in text
-    assert "first difference at character" in text and "--- kimi_ref\n+++ checkpoint template" in text
-    assert f"+{new[-1]}" in text or new in text
-    assert "--template checkpoint" in text
+    assert "first difference at character" in text and "--template checkpoint" in text
+    assert diff.startswith("--- kimi_ref\n+++ checkpoint template\n@@ ")
+    assert any(line.startswith("+") and new in line for line in diff.splitlines()[2:])
+    assert any(line.startswith("-") and old in line for line in diff.splitlines()[2:])
 
     setup = chat_setup(ckpt, template="checkpoint")
     assert setup.template == "checkpoint" and setup.variant == variant
@@ -366,6 +368,7 @@ def test_cli_template_checkpoint_prompts_are_what_jinja2_renders(reference, tiny
     assert chat_cli.main(args) == 2
     err = capsys.readouterr().err
     assert "differ on the conversation" in err and "--template checkpoint" in err and not recorded
+    assert "+++ checkpoint template" in err and err.rstrip().splitlines()[-1].startswith("kimi_ref.chat: error: ")
 
     assert chat_cli.main(args + ["--template", "checkpoint"]) == 0
     err = capsys.readouterr().err

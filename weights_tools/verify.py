@@ -47,7 +47,7 @@ def chat_check(ckpt: Checkpoint, variant: str | None = None) -> tuple[list[str],
     except VariantUnknown as e:
         return [], [f"{e} (verify --variant V checks it as V)"]
     except ChatSetupError as e:
-        return [str(e)], []
+        return [str(e) + "".join(f"\n      {line}" for line in e.details.splitlines())], []
     return [], setup.describe().splitlines() + list(setup.notes)
 
 
