@@ -40,6 +40,10 @@ reasoning value counts as absent (jinja prints the word ``None``); an unknown co
 for the older templates, and tool calls or ``None`` content for k2-instruct raise ChatTemplateError
 (jinja drops them or prints nothing).
 
+For a checkpoint, :func:`kimi_ref.checkpoint_chat.chat_setup` decides the variant from the checkpoint's own
+files (and says why), proves this file against the checkpoint's ``chat_template.jinja`` when it ships one
+(:mod:`kimi_ref.template_proof`), and its ``render`` / ``render_ids`` render with the chosen variant.
+
 Prompt as ids: :func:`render_ids` emits each template control token as its id and encodes the text
 between them with special tokens *disallowed*, so message text can never forge a control token.
 :func:`render_segments` gives the same prompt as tagged pieces (used to colour prompts by role).

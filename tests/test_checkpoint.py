@@ -256,8 +256,11 @@ def test_make_tiny_format(tiny_dirs, layout):
             assert (tuple(info["shape"]), info["dtype"]) == expected[name], name
             total += info["data_offsets"][1] - info["data_offsets"][0]
     assert index["metadata"]["total_size"] == total
-    for f in mt.TOKENIZER_FILES:
-        assert (path / f).read_bytes() == (DATA / "tokenizer" / f).read_bytes()
+    assert (path / "tiktoken.model").read_bytes() == (DATA / "tokenizer" / "tiktoken.model").read_bytes()
+    # the demo tokenizer config, plus the chat template variant the checkpoint is to be chatted with
+    tokenizer_config = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    assert tokenizer_config.pop("kimi_ref_chat_variant") == mt.DEFAULT_VARIANTS[layout]
+    assert tokenizer_config == json.loads((DATA / "tokenizer" / "tokenizer_config.json").read_text(encoding="utf-8"))
     has_vision = any(n.startswith("vision_tower.") for n in index["weight_map"])
     assert has_vision == (layout == "kimi_k25")
     assert (path / "preprocessor_config.json").is_file() == (layout == "kimi_k25")
