@@ -228,6 +228,39 @@ plt.title("What each streamed token releases")
 plt.show()
 
 # %% [markdown]
+# ## Which template? The checkpoint decides
+#
+# Five variants, five different prompts for the same conversation: the chat must use the one the
+# model was trained on, and it asks the checkpoint, never a default
+# ([which file decides what](../docs/checkpoint_format.md#which-file-decides-what)). A real checkpoint
+# ships its template as `chat_template.jinja`; a few markers in it name the variant
+# (`kimi_ref.checkpoint_chat.fingerprint`). kimi-nano ships no template (kimi_ref does not redistribute
+# Moonshot's), so its `tokenizer_config.json` records the variant it was trained with.
+
+# %%
+from kimi_ref.chat import default_checkpoint
+from kimi_ref.checkpoint_chat import chat_setup, fingerprint
+from kimi_ref.template_proof import SUITE, describe_difference
+
+for markers in ["<|im_middle|><|im_end|>", "<|im_middle|><|im_end|><think>",
+                "<|im_middle|><|im_end|><think>{{ tools_ts_str }}"]:
+    print(f"{markers!r:50s} -> {fingerprint(markers)[0]}")
+print(chat_setup(default_checkpoint()).describe())
+
+# %% [markdown]
+# When a checkpoint does ship its template, kimi_ref does not take its own word for it: before the
+# model loads, it renders a suite of conversations (below) with its own Python *and* with the
+# checkpoint's jinja template, the way HF renders it, and demands the same bytes. A difference is
+# refused with the first differing conversation and a diff like this one (K2.5 against K2.7-Code,
+# which keeps the reasoning that K2.5 drops from the history):
+
+# %%
+print([case.name for case in SUITE])
+history = next(case for case in SUITE if case.name == "history with reasoning")
+print(describe_difference(render(list(history.messages), variant="k2.5"),
+                          render(list(history.messages), variant="k2.7-code"), names=("k2.5", "k2.7-code")))
+
+# %% [markdown]
 # ## Exercises
 #
 # Solutions: [solutions/02_chat_template.py](solutions/02_chat_template.py) (tested in

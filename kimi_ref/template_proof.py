@@ -254,11 +254,13 @@ def _lines(text: str) -> list[str]:
     return out
 
 
-def describe_difference(ours: str, theirs: str, context: int = 2) -> str:
-    """Where two prompts first differ (character offset, both sides' text there) and a unified diff."""
+def describe_difference(ours: str, theirs: str, context: int = 2,
+                        names: tuple[str, str] = ("kimi_ref", "checkpoint template")) -> str:
+    """Where two prompts first differ (character offset, both sides' text there), then a unified diff
+    (one line per control token) of ``ours`` (named ``names[0]``) against ``theirs``."""
     at = next((i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b), min(len(ours), len(theirs)))
     lo = max(0, at - 30)
-    head = (f"first difference at character {at}: kimi_ref has {ours[lo:at + 30]!r}, "
-            f"the checkpoint's template has {theirs[lo:at + 30]!r}")
-    diff = difflib.unified_diff(_lines(ours), _lines(theirs), "kimi_ref", "checkpoint template", n=context, lineterm="")
+    head = (f"first difference at character {at}: {names[0]} has {ours[lo:at + 30]!r}, "
+            f"{names[1]} has {theirs[lo:at + 30]!r}")
+    diff = difflib.unified_diff(_lines(ours), _lines(theirs), names[0], names[1], n=context, lineterm="")
     return head + "\n" + "\n".join(diff)
