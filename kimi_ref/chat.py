@@ -800,7 +800,9 @@ def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any,
                  f"{said('top_p', top_p, 'top-p')}, max new tokens {said('max_new_tokens', max_new, 'max-new-tokens')}"
                  f"{extra})")
     lines += [f"note: {note}" for note in setup.notes]
-    if setup.variant == "k2.7-code" and (temperature, top_p) != K27_CODE_SAMPLING:
+    overridden = (args.temperature is not None and temperature != K27_CODE_SAMPLING[0]) or \
+        (args.top_p is not None and top_p != K27_CODE_SAMPLING[1])
+    if setup.variant == "k2.7-code" and overridden:  # the user's choice, not the checkpoint's own file
         lines.append(f"note: K2.7-Code was trained for temperature {K27_CODE_SAMPLING[0]} and top-p "
                      f"{K27_CODE_SAMPLING[1]} (thinking on, earlier reasoning kept); temperature {temperature}, "
                      f"top-p {top_p} is not what it was trained for")

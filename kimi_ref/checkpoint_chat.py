@@ -145,7 +145,10 @@ def required_tokens(variant: str) -> set[str]:
 def check_special_tokens(ckpt: str | Path, variant: str | None = None) -> list[str]:
     """Every disagreement between ``tokenizer_config.json``'s ``added_tokens_decoder`` and kimi_ref's
     special-token table (names at ``len(ranks) + offset``); ``variant``: also each token its template
-    needs that the file lacks. Each problem names the token and both ids."""
+    needs that the file lacks. Each problem names the token and both ids.
+
+    The ``special`` flags are not compared: they only decide what HF's ``decode(skip_special_tokens=True)``
+    drops, and kimi_ref never drops tokens when decoding."""
     ckpt = Path(ckpt)
     where = ckpt / TOKENIZER_CONFIG
     config = _tokenizer_config(ckpt)
@@ -366,7 +369,8 @@ def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | Non
                              f"{', '.join(VARIANTS)}")
     if source is not None:
         variant, why = fingerprint(source)
-        why = f"{Path(str(where)).name if where and where.endswith('.jinja') else where}: {why}"
+        shown = TEMPLATE_FILE if str(where).endswith(TEMPLATE_FILE) else f"{TOKENIZER_CONFIG} (chat_template)"
+        why = f"{shown}: {why}"
         if variant is not None and recorded is not None and recorded != variant:
             raise ChatSetupError(f"{ckpt / TOKENIZER_CONFIG} says {VARIANT_FIELD} {recorded!r}, but {where} is a "
                                  f"{variant} template ({why}); one of the two files is wrong")

@@ -347,16 +347,24 @@ def test_generation_config_reaches_generate(tiny, tmp_path, recorded, capsys):
     assert {3842, 3841, 100} <= set(call["stop_ids"])
     err = capsys.readouterr().err
     assert f"temperature 0.5 ({ckpt / 'generation_config.json'})" in err
-    assert "K2.7-Code was trained for temperature 1.0 and top-p 0.95" in err and "not what it was trained for" in err
+    assert "not what it was trained for" not in err  # the checkpoint's own file, not an override
 
-    # The command line beats the file; max_length caps prompt + answer
+    # The command line beats the file (and, away from K2.7-Code's settings, says so); max_length caps prompt + answer
     prompt_len = len(recorded[-1]["ids"])
     (ckpt / "generation_config.json").write_text(json.dumps({"max_length": prompt_len + 2}))
-    assert chat_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--temperature", "1", "--top-p", "0.95",
-                          "--max-new-tokens", "50", "--no-timings"]) == 0
+    assert chat_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--temperature", "0.3", "--max-new-tokens", "50",
+                          "--no-timings"]) == 0
     call = recorded[-1]
-    assert (call["temperature"], call["top_p"], call["max_new_tokens"]) == (1.0, 0.95, 2)
+    assert (call["temperature"], call["top_p"], call["max_new_tokens"]) == (0.3, 0.95, 2)
+    notes = [line for line in capsys.readouterr().err.splitlines() if "not what it was trained for" in line]
+    assert notes == ["note: K2.7-Code was trained for temperature 1.0 and top-p 0.95 (thinking on, earlier reasoning "
+                     "kept); temperature 0.3, top-p 0.95 is not what it was trained for"]
+    assert chat_cli.main(["--ckpt", str(ckpt), "--prompt", "hi", "--temperature", "1", "--top-p", "0.95",
+                          "--no-timings"]) == 0
     assert "not what it was trained for" not in capsys.readouterr().err
+    (ckpt / "generation_config.json").write_text(json.dumps({"max_length": prompt_len}))
+    assert chat_cli.main(["--ckpt", str(ckpt), "--prompt", "hi"]) == 2
+    assert f"generation_config.json's max_length is {prompt_len} (prompt and answer together)" in capsys.readouterr().err
 
 
 def test_cli_template_checkpoint_prompts_are_what_jinja2_renders(reference, tiny, tmp_path, recorded, capsys):
