@@ -110,7 +110,9 @@ def render_with_template(template: Any, messages: Sequence[Mapping[str, Any]],
             context["tools_ts_str"] = None
     try:
         return template.render(**context)
-    except jinja2.exceptions.TemplateError as e:
+    except (jinja2.exceptions.TemplateError, ArithmeticError, LookupError, TypeError, ValueError) as e:
+        # The template is someone else's program: whatever it raises (a jinja error, or Python's own from an
+        # expression such as 1/0) is its failure, named as such.
         raise ChatTemplateError(f"{where}: rendering failed ({type(e).__name__}: {e})") from None
 
 

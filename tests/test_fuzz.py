@@ -3,7 +3,8 @@
 Each reader either returns a result or raises its documented error type with a message -- never
 another exception, and never a hang: every case runs under an alarm (``CASE_SECONDS``). The readers:
 the safetensors header, config.json, the index, the tokenizer's rank file, chat-template messages,
-the tool-call parser (whole and streamed), the calculator and the image loader. The table of what a
+the tool-call parser (whole and streamed), the calculator, the image loader, and what the chat reads
+from a checkpoint (tokenizer_config.json, generation_config.json, chat_template.jinja). The table of what a
 user sees is docs/reliability.md.
 
 Budget: the CI profile runs 20 examples per test (tests/conftest.py); the whole file takes seconds.
@@ -22,6 +23,8 @@ from hypothesis import strategies as st
 
 from kimi_ref.chat_template import ChatTemplateError, render
 from kimi_ref.checkpoint import Checkpoint, CheckpointError, read_header
+from kimi_ref.checkpoint_chat import ChatSetupError, chat_setup
+from kimi_ref.template_proof import TemplateMismatch, prove
 from kimi_ref.config import ConfigError, KimiConfig, fixture_path, load_config
 from kimi_ref.tokenizer import TokenizerError, load_ranks
 from kimi_ref.tool_parsing import MARKERS, StreamParser, ToolParseError, parse
@@ -278,6 +281,52 @@ def test_image_loader(scratch, data):
     path = scratch / "x.png"
     path.write_bytes(data)
     raises_only(ValueError, load_image, path)
+
+
+# ---- what the chat reads from a checkpoint -----------------------------------------------------------------
+
+template_pieces = st.sampled_from(["<|im_middle|>", "<|im_end|>", "<think>", "tools_ts_str", "preserve_thinking",
+                                   "{{ messages }}", "{% if thinking is false %}", "{% endif %}", "{{", "{%",
+                                   "| default(false)", "{{ messages[0].content }}", "{{ raise_exception('no') }}",
+                                   "{{ 1/0 }}", "{{ 'a' + 1 }}", "{{ range(10**10)|list }}", "{{ messages.pop() }}"])
+json_files = st.one_of(st.binary(max_size=40), json_values.map(lambda v: json.dumps(v).encode()))
+
+
+@st.composite
+def tokenizer_configs(draw) -> bytes:
+    if draw(st.booleans()):
+        return draw(json_files)
+    config = {"added_tokens_decoder": draw(st.dictionaries(
+        st.sampled_from(["3842", "3843", "3900", "x", "-1"]),
+        st.one_of(json_values, st.builds(lambda c: {"content": c}, st.sampled_from(
+            ["<|im_end|>", "<think>", "</think>", "[EOS]", "other"]) | json_values)), max_size=4))}
+    for key in ("chat_template", "kimi_ref_chat_variant"):
+        if draw(st.booleans()):
+            config[key] = draw(json_values | st.sampled_from(["k2.5", "k2.7-code"]))
+    return json.dumps(config).encode()
+
+
+@given(tokenizer_config=tokenizer_configs(),
+       generation=st.one_of(st.none(), json_files, st.dictionaries(
+           st.sampled_from(["temperature", "top_p", "eos_token_id", "max_length", "max_new_tokens", "do_sample"]),
+           json_values, max_size=4).map(lambda d: json.dumps(d).encode())),
+       template=st.one_of(st.none(), st.lists(template_pieces | st.text(max_size=6), max_size=8).map("".join)),
+       variant=st.sampled_from([None, "k2.5", "k2-instruct"]), mode=st.sampled_from(["kimi_ref", "checkpoint"]))
+def test_checkpoint_chat_readers(scratch, tokenizer_config, generation, template, variant, mode):
+    from kimi_ref.tokenizer import DEMO_DIR
+
+    ckpt = scratch / "chat_setup"
+    ckpt.mkdir(exist_ok=True)
+    (ckpt / "tiktoken.model").write_bytes((DEMO_DIR / "tiktoken.model").read_bytes())
+    (ckpt / "tokenizer_config.json").write_bytes(tokenizer_config)
+    for name, data in (("generation_config.json", generation),
+                       ("chat_template.jinja", None if template is None else template.encode())):
+        (ckpt / name).unlink(missing_ok=True)
+        if data is not None:
+            (ckpt / name).write_bytes(data)
+    raises_only(ChatSetupError, chat_setup, ckpt, variant, mode, layout="kimi_k25")
+    if template is not None:  # the proof itself, on whatever the template is
+        raises_only((ChatTemplateError, TemplateMismatch), prove, template, variant or "k2.5")
 
 
 def test_bounded_catches_a_hang():
