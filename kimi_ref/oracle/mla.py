@@ -72,8 +72,11 @@ def query(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
         if record is not None:
             record("q_latent", q_latent)
         q = _linear(q_latent, w, "q_b_proj")
-    q = q.reshape(b, t, h, n + r)  # head-major: head j owns columns j·(n+r) .. (j+1)·(n+r)-1
-    return q[..., :n], q[..., n:]
+    # Head j owns columns j·(n+r) .. j·(n+r)+n-1 (nope) and the r after them (rope): picked by index, head by
+    # head, rather than by a reshape, so a wrong head layout in the torch path's view cannot hide here.
+    q_nope = np.stack([q[..., j * (n + r): j * (n + r) + n] for j in range(h)], axis=2)
+    q_rope = np.stack([q[..., j * (n + r) + n: (j + 1) * (n + r)] for j in range(h)], axis=2)
+    return q_nope, q_rope
 
 
 def compress_kv(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
@@ -89,41 +92,50 @@ def compress_kv(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig,
 
 def split_kv_b(w: dict[str, np.ndarray], config: KimiConfig) -> tuple[np.ndarray, np.ndarray]:
     """W_uk [h,n,c] (latent -> key nope) and W_uv [h,v,c] (latent -> value) out of kv_b_proj [h(n+v), c]."""
-    h, n, v, c = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim, config.kv_lora_rank
-    kv_b = w["kv_b_proj.weight"].reshape(h, n + v, c)
-    return kv_b[:, :n, :], kv_b[:, n:, :]
+    h, n, v = config.num_attention_heads, config.qk_nope_head_dim, config.v_head_dim
+    kv_b = w["kv_b_proj.weight"]
+    # rows j·(n+v) .. +n-1 make head j's key (nope part), the v rows after them its value
+    w_uk = np.stack([kv_b[j * (n + v): j * (n + v) + n] for j in range(h)])
+    w_uv = np.stack([kv_b[j * (n + v) + n: (j + 1) * (n + v)] for j in range(h)])
+    return w_uk, w_uv
 
 
 def causal_mask(t: int, s: int) -> np.ndarray:
     """[T,S] additive mask: 0 where key s <= the query's own index S-T+t, -inf after it."""
-    query_index = np.arange(s - t, s)[:, None]
-    key_index = np.arange(s)[None, :]
-    return np.where(key_index <= query_index, 0.0, -np.inf)
+    visible = np.tril(np.ones((t, s), dtype=bool), k=s - t)  # row t sees keys 0 .. S-T+t
+    return np.where(visible, 0.0, -np.inf)
 
 
 def softmax(scores: np.ndarray) -> np.ndarray:
-    """Softmax over the last axis (max subtracted first; -inf entries get probability 0)."""
-    shifted = scores - np.max(scores, axis=-1, keepdims=True)
-    e = np.exp(shifted)
-    return e / np.sum(e, axis=-1, keepdims=True)
+    """Softmax over the last axis, as exp(score - logsumexp): -inf entries get probability 0."""
+    top = np.max(scores, axis=-1, keepdims=True)
+    log_total = top + np.log(np.sum(np.exp(scores - top), axis=-1, keepdims=True))
+    return np.exp(scores - log_total)
+
+
+# The attention itself is written head by head with plain matrix products (``@``): the torch path uses
+# einsums over all heads at once, and a wrong index letter there has no twin here to hide behind.
 
 
 def scores_naive(q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray,
                  w_uk: np.ndarray) -> np.ndarray:
     """Unscaled logits [B,h,T,S] from materialized per-head keys k = [W_uk·latent | k_rope]."""
-    h = w_uk.shape[0]
-    k_nope = np.einsum("bsc,hnc->bshn", latent, w_uk)
-    k_rope_heads = np.broadcast_to(k_rope[:, :, None, :], k_rope.shape[:2] + (h, k_rope.shape[-1]))
-    keys = np.concatenate([k_nope, k_rope_heads], axis=-1)  # [B,S,h,n+r]
-    queries = np.concatenate([q_nope, q_rope], axis=-1)  # [B,T,h,n+r]
-    return np.einsum("bthq,bshq->bhts", queries, keys)
+    per_head = []
+    for j in range(w_uk.shape[0]):
+        keys = np.concatenate([latent @ w_uk[j].T, k_rope], axis=-1)  # head j's keys [B,S,n+r]
+        queries = np.concatenate([q_nope[:, :, j], q_rope[:, :, j]], axis=-1)  # [B,T,n+r]
+        per_head.append(queries @ keys.transpose(0, 2, 1))  # [B,T,S]
+    return np.stack(per_head, axis=1)
 
 
 def scores_absorbed(q_nope: np.ndarray, q_rope: np.ndarray, latent: np.ndarray, k_rope: np.ndarray,
                     w_uk: np.ndarray) -> np.ndarray:
     """Unscaled logits [B,h,T,S] against the latent itself: (W_uk^T q_nope)·latent + q_rope·k_rope."""
-    q_latent = np.einsum("bthn,hnc->bthc", q_nope, w_uk)  # the query, moved into latent space
-    return np.einsum("bthc,bsc->bhts", q_latent, latent) + np.einsum("bthr,bsr->bhts", q_rope, k_rope)
+    per_head = []
+    for j in range(w_uk.shape[0]):
+        q_latent = q_nope[:, :, j] @ w_uk[j]  # head j's query moved into latent space [B,T,c]
+        per_head.append(q_latent @ latent.transpose(0, 2, 1) + q_rope[:, :, j] @ k_rope.transpose(0, 2, 1))
+    return np.stack(per_head, axis=1)
 
 
 def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: np.ndarray,
@@ -160,10 +172,10 @@ def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: 
     scores = score_fn(q_nope, q_rope, latent, k_rope, w_uk) * softmax_scale(config)
     p = softmax(scores + causal_mask(t, s))  # [B,h,T,S]
 
-    if form == "naive":
-        values = np.einsum("bsc,hvc->bshv", latent, w_uv)
-        heads = np.einsum("bhts,bshv->bthv", p, values)
-    else:
-        latent_out = np.einsum("bhts,bsc->bthc", p, latent)  # attention output, still in latent space
-        heads = np.einsum("bthc,hvc->bthv", latent_out, w_uv)
-    return _linear(heads.reshape(b, t, -1), w, "o_proj")
+    outputs = []
+    for j in range(w_uv.shape[0]):
+        if form == "naive":
+            outputs.append(p[:, j] @ (latent @ w_uv[j].T))  # head j's values [B,S,v] materialized, then mixed
+        else:
+            outputs.append((p[:, j] @ latent) @ w_uv[j].T)  # mixed in latent space, then up to v
+    return _linear(np.concatenate(outputs, axis=-1), w, "o_proj")  # heads side by side: [B,T,h·v]

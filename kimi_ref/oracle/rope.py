@@ -6,13 +6,13 @@ Shapes (r = qk_rope_head_dim, 64 for Kimi):
     cos_sin(positions [...], rope, r) -> cos, sin [..., r/2]
     apply_rope(x [..., r], cos, sin)  -> [..., r]      (cos/sin broadcast against x[..., r/2])
 
-Interleaved rotation: the rope dims are stored as pairs (x0, y0, x1, y1, ...); pair i turns by the
-angle ``pos · inv_freq[i]``:
+Interleaved rotation: the rope dims are stored as pairs (x0, y0, x1, y1, ...); pair i is the complex
+number z_i = x_i + i·y_i and turns by the angle θ_i = pos · inv_freq[i]:
 
-    x_i' = x_i cos θ_i - y_i sin θ_i
-    y_i' = y_i cos θ_i + x_i sin θ_i          θ_i = pos · inv_freq[i]
+    z_i' = z_i · e^{iθ_i}        (= x_i cos θ_i - y_i sin θ_i  +  i·(y_i cos θ_i + x_i sin θ_i))
 
-and the output stays interleaved. (HF's ``apply_rotary_pos_emb_interleave`` returns the evens first,
+and the output stays interleaved. (The torch path writes the two real equations; the oracle multiplies
+complex numbers, so the two cannot share a pairing or sign mistake.) (HF's ``apply_rotary_pos_emb_interleave`` returns the evens first,
 then the odds: a fixed permutation of the same numbers, applied to q and k alike, so q·k is equal.)
 
 YaRN frequencies (DeepSeek's ``DeepseekV3YarnRotaryEmbedding``), i = 0 .. r/2-1:
@@ -116,14 +116,23 @@ def softmax_scale(config: KimiConfig) -> float:
 
 
 def cos_sin(positions: np.ndarray, rope: RopeConfig, dim: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin of ``positions[..., None] · inv_freq``, times ``attention_factor``: two arrays [..., dim/2]."""
+    """cos and sin of ``positions[..., None] · inv_freq``, times ``attention_factor``: two arrays [..., dim/2].
+
+    Computed as the unit complex number e^{iθ} (its real and imaginary parts), the form ``apply_rope`` uses.
+    """
     angles = np.asarray(positions, dtype=np.float64)[..., None] * inv_freq(rope, dim)
-    factor = attention_factor(rope)
-    return np.cos(angles) * factor, np.sin(angles) * factor
+    turn = np.exp(1j * angles) * attention_factor(rope)
+    return turn.real, turn.imag
 
 
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
-    """Rotate the interleaved pairs (x[2i], x[2i+1]) of the last axis by the angles of ``cos``/``sin``."""
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of the last axis by the angles of ``cos``/``sin``.
+
+    The oracle's own formulation, unlike the torch path's two real equations: pair i is the complex
+    number z_i = x[2i] + i·x[2i+1], the rotation is one complex product z_i · (cos θ_i + i sin θ_i), and
+    the result's real and imaginary parts go back to positions 2i and 2i+1 — so a pairing mistake (halves
+    instead of neighbours) or a sign slip in one path cannot hide in the other.
+    """
     x = np.asarray(x, dtype=np.float64)
     if x.shape[-1] % 2:
         raise ValueError(f"apply_rope: the last axis must hold pairs, found {x.shape[-1]} dims")
@@ -131,11 +140,12 @@ def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
         raise ValueError(
             f"apply_rope: cos/sin {np.shape(cos)}/{np.shape(sin)} do not give {x.shape[-1] // 2} angles for x {x.shape}"
         )
-    first, second = x[..., 0::2], x[..., 1::2]
-    first_out = first * cos - second * sin
-    second_out = second * cos + first * sin
-    # stack on a new last axis and flatten it: (a0, b0, a1, b1, ...), the interleaved layout again
-    return np.stack([first_out, second_out], axis=-1).reshape(first_out.shape[:-1] + (2 * first_out.shape[-1],))
+    pairs = x.reshape(x.shape[:-1] + (x.shape[-1] // 2, 2))  # [..., r/2, 2]: neighbours, not halves
+    z = pairs[..., 0] + 1j * pairs[..., 1]
+    turned = z * (np.asarray(cos) + 1j * np.asarray(sin))
+    out = np.empty(turned.shape + (2,))
+    out[..., 0], out[..., 1] = turned.real, turned.imag
+    return out.reshape(turned.shape[:-1] + (x.shape[-1],))
 
 
 def _require_yarn(rope: RopeConfig) -> None:
