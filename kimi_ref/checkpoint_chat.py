@@ -21,6 +21,9 @@ sampling and stop ids             ``generation_config.json`` (``temperature``, `
 The template is then proven (:mod:`kimi_ref.template_proof`): kimi_ref's rendering must equal the
 checkpoint's, byte for byte, or the setup is refused -- unless the caller asks to render with the
 checkpoint's own template (``template="checkpoint"``), which needs jinja2.
+
+Facts (docs/sources.md): the special-token layout §8; the templates and K2.7-Code's fixed settings §9; why
+K2.6 / K2.7-Code templates and ``generation_config.json`` must come from the checkpoint §12.2, §12.4.
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ code from the internet: it may read what it is given, nothing else) with ``trim_
 ``lstrip_blocks``, the ``loopcontrols`` extension, ``tojson`` as ``json.dumps(ensure_ascii=False)``, and
 the globals ``raise_exception`` and ``strftime_now``. Kimi's tokenizer prepares the context before the
 template sees it: the tools are deep-sorted and (K2.5 and later) declared as ``tools_ts_str``; we do the
-same (see docs/checkpoint_format.md, "Which file decides what").
+same (docs/sources.md §9 for HF's settings; docs/checkpoint_format.md, "Which file decides what").
 
 jinja2 is optional (``pip install kimi-ref[template]``): without it the proof is skipped, and
 :func:`jinja_available` says so.
