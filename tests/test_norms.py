@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
@@ -57,11 +57,13 @@ def test_fused_residual_form(dtype, n, seed):
     assert_close(y, expected, dtype, what="RMSNorm(x, residual)")
 
 
+@example(lead=(3,), n=7168, magnitude=1e-2, seed=27195)  # a near-tie in x / rms, then a second rounding: 2 ulps
 @given(lead=st.sampled_from([(3,), (2, 5)]), n=st.sampled_from([64, 1536, 7168]),
        magnitude=st.sampled_from([1e-2, 1.0, 50.0]), seed=st.integers(0, 2**31 - 1))
 def test_bf16_statistics_run_in_fp32(lead, n, magnitude, seed):
     """The module's statistics are fp32: its bf16 output is exactly bf16(weight · bf16(x / rms)) with the
-    exact rms of the bf16 input, but for near-ties (then one ulp off).
+    exact rms of the bf16 input, but for near-ties: x / rms one ulp off, and the product's rounding can
+    carry that to two ulps of the output — rarely (the share of outputs off is what catches bf16 statistics).
 
     Statistics in bf16 (the mean of squares or the rsqrt rounded to 8 bits) pass the oracle comparison
     at the whole-model bf16 row; only the Triton kernel's bit-exact test would see them. This test
@@ -77,7 +79,7 @@ def test_bf16_statistics_run_in_fp32(lead, n, magnitude, seed):
     normed = (x64 / torch.sqrt(x64.pow(2).mean(-1, keepdim=True) + 1e-5)).to(torch.bfloat16)
     expected = (w.double() * normed.double()).to(torch.bfloat16)  # a bf16 × bf16 product is exact in float64
     ulps = ulp_distance(y, expected, torch.bfloat16)
-    assert ulps.max() <= 1, f"an output is {ulps.max()} bf16 steps from bf16(w · bf16(x / rms))"
+    assert ulps.max() <= 2, f"an output is {ulps.max()} bf16 steps from bf16(w · bf16(x / rms))"
     assert (ulps > 0).mean() < 0.01, f"{(ulps > 0).mean():.1%} of the outputs differ from bf16(w · bf16(x / rms))"
 
 
