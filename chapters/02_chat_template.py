@@ -152,7 +152,7 @@ plt.show()
 # %% [markdown]
 # ## Anatomy of a tool call
 #
-# The model answers a tool request with its own control tokens (FACTS §10):
+# The model answers a tool request with its own control tokens (sources §10):
 #
 # ```
 # <|tool_calls_section_begin|>

@@ -30,7 +30,7 @@ from weights_tools.make_tiny import tiny_checkpoint
 
 torch.manual_seed(0)
 torch.set_grad_enabled(False)  # inference only in this chapter
-real = load_config(fixture_path("kimi_k25"))  # the K2.5 / K2.7-Code config.json, from FACTS
+real = load_config(fixture_path("kimi_k25"))  # the K2.5 / K2.7-Code config.json, from docs/sources.md
 path = tiny_checkpoint("kimi_k25")              # built once by weights_tools.make_tiny, then cached
 print(path)
 print(sorted(p.name for p in path.iterdir()))
@@ -68,7 +68,7 @@ for key in ("model.embed_tokens.weight", "model.layers.1.mlp.experts.3.up_proj.w
 # %% [markdown]
 # The list of tensors a checkpoint must hold is **generated from config.json**
 # (`checkpoint.expected_tensors`): for the real K2.5 config it is exactly the 208,550 tensors of the
-# public dump (FACTS §5). Most of them are routed-expert INT4 triples; most of the *bytes* too.
+# public dump (sources §5). Most of them are routed-expert INT4 triples; most of the *bytes* too.
 
 # %%
 expected = checkpoint.expected_tensors(real)

@@ -1,7 +1,7 @@
 """The chat template: OpenAI-style messages -> the exact prompt text (and ids) Kimi was trained on.
 
 Place in the pipeline: ``messages -> render() -> prompt str -> ids [T] -> model``; the model's output ids
-go back through :mod:`kimi_ref.tool_parsing`. Facts: FACTS §9 (templates), §8 (special tokens).
+go back through :mod:`kimi_ref.tool_parsing`. Facts: sources §9 (templates), §8 (special tokens).
 
 One K2.5 conversation, rendered (no newlines between messages; ``⟨...⟩`` are single special tokens)::
 
@@ -34,7 +34,7 @@ k2-instruct    JSON               "You are a …"   no              no think at 
 
 This file is plain Python written from the genuine jinja templates (``shared/reference``); the tests
 render those templates with jinja2 and demand byte equality on generated conversations (K2.6 and
-K2.7-Code have no public template: they are tested against FACTS §9's description of K2.6 applied to the
+K2.7-Code have no public template: they are tested against sources §9's description of K2.6 applied to the
 K2.5 file). Deliberate differences, all where jinja would write a prompt nobody meant: a ``None``
 reasoning value counts as absent (jinja prints the word ``None``); an unknown content-part type, a video
 for the older templates, and tool calls or ``None`` content for k2-instruct raise ChatTemplateError
@@ -76,7 +76,7 @@ class ChatTemplateError(ValueError):
 
 
 # ---------------------------------------------------------------------------------------------------
-# The special tokens the templates emit (FACTS §8). They are control tokens: render_ids emits their ids
+# The special tokens the templates emit (sources §8). They are control tokens: render_ids emits their ids
 # directly, and message text is never allowed to produce them.
 # ---------------------------------------------------------------------------------------------------
 IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"

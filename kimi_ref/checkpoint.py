@@ -1,6 +1,6 @@
 """The real checkpoint: config.json + safetensors shards → ``KimiForCausalLM``, strictly, one rank's slices.
 
-A Kimi K2.x checkpoint directory (FACTS §5; K2.5 has 64 shards, 554.3 GiB, 208,550 tensors):
+A Kimi K2.x checkpoint directory (sources §5; K2.5 has 64 shards, 554.3 GiB, 208,550 tensors):
 
     config.json                         nested ``kimi_k25`` layout, or flat ``kimi_k2``/``deepseek_v3``
     model.safetensors.index.json        {"metadata": {"total_size": bytes}, "weight_map": {tensor: shard}}
@@ -220,7 +220,7 @@ def _text_modules(config: KimiConfig) -> Iterator[tuple[str, str, tuple[int, ...
 
 
 def _vision_tensors(config: KimiConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """MoonViT tower + patch-merger projector (FACTS §3, §5): 329 + 6 tensors for K2.5, all bias-carrying."""
+    """MoonViT tower + patch-merger projector (sources §3, §5): 329 + 6 tensors for K2.5, all bias-carrying."""
     vc = config.vision
     if vc is None:
         return
@@ -264,7 +264,7 @@ def _expected_cached(config: KimiConfig, include_vision: bool) -> dict[str, tupl
         if kind == "param":
             flat[name] = (shape, dtype)
         elif kind == "fp32":
-            flat[name] = (shape, "F32")  # the router's correction bias is kept in fp32 (FACTS §5)
+            flat[name] = (shape, "F32")  # the router's correction bias is kept in fp32 (sources §5)
         elif is_quantized(config, name):
             out_f, in_f = shape
             group = config.quantization.group_size  # type: ignore[union-attr]

@@ -856,7 +856,7 @@ _FIXTURES = Path(__file__).parent / "data" / "configs"
 
 
 def fixture_path(name: str) -> Path:
-    """Path of a shipped config.json written from FACTS: ``"kimi_k25"`` (K2.5/K2.7-Code layout) or
+    """Path of a shipped config.json written from docs/sources.md: ``"kimi_k25"`` (K2.5/K2.7-Code layout) or
     ``"kimi_k2_thinking"`` (flat layout). Used by tests, ``memory_plan`` and the meta-device check."""
     path = _FIXTURES / f"{name}.json"
     if not path.is_file():

@@ -30,7 +30,7 @@ Video: frames sampled at min(sample_fps, native fps) with ``np.linspace`` indice
 ``temporal_merge_kernel_size`` (4) frames; each chunk is one "image" with t ≤ 4 (its own
 ``<|media_pad|>`` after an ``HH:MM:SS.mmm`` timestamp of its first frame), averaged over t by sd2_tpool.
 
-Sources of the facts: FACTS.md §3, §5, §11 (MS-MM ``modeling_kimi_k25.py``/``media_utils.py``, vLLM
+Sources of the facts: docs/sources.md §3, §5, §11 (MS-MM ``modeling_kimi_k25.py``/``media_utils.py``, vLLM
 ``kimi_k25_vit.py``, HF ``kimi_k25_vision_processing.py``). The float64 twin is ``oracle/moonvit.py``.
 """
 
@@ -67,7 +67,7 @@ __all__ = [
 ImageLike = Union[Image.Image, str, os.PathLike, bytes, np.ndarray]
 
 # What the K2.5 chat template writes for an image part, and the marker it writes for a video part
-# (FACTS §9); the processor replaces the marker by the video's chunk prompts.
+# (sources §9); the processor replaces the marker by the video's chunk prompts.
 MEDIA_PAD = "<|media_pad|>"
 IMAGE_PROMPT = "<|media_begin|>image<|media_content|><|media_pad|><|media_end|>"
 VIDEO_PLACEHOLDER = "<|kimi_k25_video_placeholder|>"
@@ -86,7 +86,7 @@ VISION_LN_EPS = 1e-5
 
 @functools.lru_cache(maxsize=1)
 def default_media_config() -> MediaConfig:
-    """The shipped K2.5 ``preprocessor_config.json`` (FACTS §11); a checkpoint's own file wins when given."""
+    """The shipped K2.5 ``preprocessor_config.json`` (sources §11); a checkpoint's own file wins when given."""
     path = fixture_path("kimi_k25").parent / "kimi_k25_preprocessor_config.json"
     import json
 
@@ -142,7 +142,7 @@ def load_image(image: ImageLike, what: str = "image") -> Image.Image:
 
 
 def resize_size(width: int, height: int, media_config: MediaConfig, in_patch_limit: int | None = None) -> tuple[int, int]:
-    """NaViT resize target (new_w, new_h) for a ``width``×``height`` picture (FACTS §11, ``navit_resize_image``).
+    """NaViT resize target (new_w, new_h) for a ``width``×``height`` picture (sources §11, ``navit_resize_image``).
 
     Only ever shrinks: the area shrinks by scale² so that ``scale² · (W//p)·(H//p) ≤ in_patch_limit``
     (the patch count as the reference measures it, each side at least 1), each side ends at most

@@ -15,7 +15,7 @@ The pipeline (what :meth:`Tokenizer.encode` does, in order)::
 
 A *rank* is both a token's id and its merge priority: ``rank(x + y)`` small means "merged early in
 training". Ranks 0..255 of our own vocabularies are the 256 single bytes, so every string encodes.
-Special tokens take the ids ``len(ranks) .. len(ranks) + 255`` (FACTS §8), named from
+Special tokens take the ids ``len(ranks) .. len(ranks) + 255`` (sources §8), named from
 ``tokenizer_config.json`` or ``<|reserved_token_{id}|>``.
 
 Two backends give the same ids (tests prove it with hypothesis): ``"python"`` — this file, the
@@ -84,7 +84,7 @@ class TokenizerError(ValueError):
 
 
 # ----------------------------------------------------------------------------------------------
-# 1. The pre-tokenization regex (FACTS §8), one alternative per line. A piece never crosses a
+# 1. The pre-tokenization regex (sources §8), one alternative per line. A piece never crosses a
 #    boundary between two matches, so no token ever spans, e.g., a word and the digits after it.
 # ----------------------------------------------------------------------------------------------
 
@@ -574,7 +574,7 @@ def _checked_ranks(ranks: Mapping[bytes, int], what: str) -> dict[bytes, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Special tokens: 256 slots after the ranks (FACTS §8). Offsets are from len(ranks).
+# 7. Special tokens: 256 slots after the ranks (sources §8). Offsets are from len(ranks).
 # ----------------------------------------------------------------------------------------------
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
@@ -600,7 +600,7 @@ KIMI_SPECIAL_TOKENS: dict[int, tuple[str, bool]] = {
 
 def special_tokens_layout(n_ranks: int, names: Mapping[int, str] | None = None) -> dict[str, int]:
     """``{name: id}`` for the ids ``n_ranks .. n_ranks + 255``: the given name (by absolute id), or
-    Kimi's names (FACTS §8) when ``names`` is None, else ``<|reserved_token_{id}|>``."""
+    Kimi's names (sources §8) when ``names`` is None, else ``<|reserved_token_{id}|>``."""
     if names is None:
         names = {n_ranks + offset: name for offset, (name, _) in KIMI_SPECIAL_TOKENS.items()}
     ids = range(n_ranks, n_ranks + NUM_RESERVED_SPECIAL_TOKENS)

@@ -1,7 +1,7 @@
 """The model's output -> reasoning, content and tool calls (the ``kimi_k2`` grammar), whole or streamed.
 
 Place in the pipeline: ``prompt ids -> model -> output ids -> parse() -> message`` and back through
-:func:`kimi_ref.chat_template.render` for the next turn. Facts: FACTS §10 (grammar), §9 (the prompt's end).
+:func:`kimi_ref.chat_template.render` for the next turn. Facts: sources §10 (grammar), §9 (the prompt's end).
 
 What a K2.5+ model writes after a prompt that ends in ``<think>`` (``⟨...⟩`` are single special tokens)::
 
@@ -15,7 +15,7 @@ What a K2.5+ model writes after a prompt that ends in ``<think>`` (``⟨...⟩``
         "tool_calls": [{"id": "functions.get_weather:0", "type": "function",
                         "function": {"name": "get_weather", "arguments": "{\\"city\\": \\"Paris\\"}"}, ...}, ...]}
 
-The grammar (FACTS §10; ``SB`` = ``<|tool_calls_section_begin|>``, ``CB ID AB ARGS CE`` = one call)::
+The grammar (sources §10; ``SB`` = ``<|tool_calls_section_begin|>``, ``CB ID AB ARGS CE`` = one call)::
 
     output  := [<think>] reasoning ( </think> content )? section? content? ( <|im_end|> ignored )?
     section := SB ( CB ID AB ARGS CE )* SE

@@ -167,7 +167,7 @@ def test_k2_instruct_template_has_crlf_endings(reference):
 
 
 def test_facts_example_k25(reference):
-    """FACTS §9's worked example, piece by piece."""
+    """sources §9's worked example, piece by piece."""
     msgs = [{"role": "system", "content": "You are Kimi."},
             {"role": "user", "content": [{"type": "text", "text": "What is in this image?"},
                                          {"type": "image_url", "image_url": {"url": "u"}}]},
@@ -191,7 +191,7 @@ def test_facts_example_k25(reference):
 # K2.6 / K2.7-Code: preserve_thinking
 # ---------------------------------------------------------------------------------------------------
 def _k26_template_from_k25(reference: Path) -> str:
-    """FACTS §9's description of K2.6 applied to the genuine K2.5 file (K2.6's own file is not public):
+    """sources §9's description of K2.6 applied to the genuine K2.5 file (K2.6's own file is not public):
     a ``preserve_thinking`` flag that skips the history split, and the ``reasoning`` key read first."""
     source = (reference / "Kimi-K2.5" / "chat_template.jinja").read_text(encoding="utf-8")
     edits = [

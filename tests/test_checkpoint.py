@@ -1,7 +1,7 @@
 """The checkpoint reader: the tensor list a config implies, name mapping, the tiny checkpoint's format,
 strict errors, and loading into ``KimiForCausalLM`` (equal to the float64 oracle, per-rank slices).
 
-* ``expected_tensors`` at full size equals FACTS §5 row by row (names, shapes, dtypes) and its count
+* ``expected_tensors`` at full size equals sources §5 row by row (names, shapes, dtypes) and its count
   (208,550 for K2.5 with vision); the flat K2-Thinking layout has the same text tensors without
   ``language_model.`` and without vision.
 * ``make_tiny`` writes exactly that list for the tiny config, in the real file layout (index, several
@@ -86,10 +86,10 @@ def _problems(path: Path) -> str:
     return "\n".join(found)
 
 
-# ---- the tensor list at full size: FACTS §5 --------------------------------------------------------------
+# ---- the tensor list at full size: sources §5 --------------------------------------------------------------
 
 T = "language_model.model.layers"
-FACTS_ROWS = {  # FACTS §5, K2.5, verbatim: name -> (shape, dtype)
+SOURCES_ROWS = {  # sources §5, K2.5, verbatim: name -> (shape, dtype)
     "language_model.model.embed_tokens.weight": ((163840, 7168), "BF16"),
     "language_model.lm_head.weight": ((163840, 7168), "BF16"),
     "language_model.model.norm.weight": ((7168,), "BF16"),
@@ -139,13 +139,13 @@ FACTS_ROWS = {  # FACTS §5, K2.5, verbatim: name -> (shape, dtype)
 
 def test_expected_tensors_full_size_match_facts(k25_config):
     expected = expected_tensors(k25_config)
-    assert len(expected) == 208_550  # FACTS §5 count check == DUMP-K25
+    assert len(expected) == 208_550  # sources §5 count check == DUMP-K25
     total = sum(int(np.prod(shape)) * checkpoint.ITEMSIZE[dtype] for shape, dtype in expected.values())
-    # K2.7-Code's index total_size is 595.15 GB (FACTS §1). (The dump's 554.30 GiB of files is 0.03 GiB
+    # K2.7-Code's index total_size is 595.15 GB (sources §1). (The dump's 554.30 GiB of files is 0.03 GiB
     # more: 64 JSON headers listing 208,550 tensors.)
     assert round(total / 1e9, 2) == 595.15
-    for name, spec in FACTS_ROWS.items():
-        assert expected.get(name) == spec, f"{name}: {expected.get(name)} != FACTS {spec}"
+    for name, spec in SOURCES_ROWS.items():
+        assert expected.get(name) == spec, f"{name}: {expected.get(name)} != sources §5: {spec}"
     per_layer = {}
     for name in expected:
         m = re.match(r"language_model\.model\.layers\.(\d+)\.", name)
@@ -154,7 +154,7 @@ def test_expected_tensors_full_size_match_facts(k25_config):
     assert per_layer[0] == 12 and all(per_layer[i] == 3470 for i in range(1, 61)) and len(per_layer) == 61
     assert sum(n.startswith("vision_tower.") for n in expected) == 329
     assert sum(n.startswith("mm_projector.") for n in expected) == 6
-    assert not any(n.startswith("language_model.model.layers.61.") for n in expected)  # no MTP layer (FACTS §5)
+    assert not any(n.startswith("language_model.model.layers.61.") for n in expected)  # no MTP layer (sources §5)
     # Only routed experts are INT4; nothing else is int32.
     assert all(".mlp.experts." in n for n, (_, d) in expected.items() if d == "I32")
     assert not any(n.endswith(".weight") and ".mlp.experts." in n for n in expected)
@@ -237,7 +237,7 @@ def test_make_tiny_format(tiny_dirs, layout):
     raw = json.loads((path / "config.json").read_text())
     if layout == "kimi_k25":
         assert raw["model_type"] == "kimi_k25" and "quantization_config" in raw["text_config"]
-        assert "vision_config" in raw and "quantization_config" not in raw  # FACTS §1: only under text_config
+        assert "vision_config" in raw and "quantization_config" not in raw  # sources §1: only under text_config
     else:
         assert raw["model_type"] == "kimi_k2" and "quantization_config" in raw and "text_config" not in raw
     index = _index(path)
@@ -650,7 +650,7 @@ def test_chapter_08_solutions(k25_config, tiny_dirs):
     sol = _solutions()
     total, active = sol.parameter_counts(k25_config)
     assert 1.02e12 < total < 1.03e12 and 32e9 < active < 33.5e9  # "1T total, 32B activated"
-    # Independent count of the active weights from FACTS §5 shapes.
+    # Independent count of the active weights from sources §5 shapes.
     attn = 1536 * 7168 + 1536 + 12288 * 1536 + 576 * 7168 + 512 + 16384 * 512 + 7168 * 8192
     want_active = (61 * (attn + 2 * 7168) + 3 * 18432 * 7168 + 60 * (384 * 7168 + 384 + 9 * 3 * 2048 * 7168)
                    + 2 * 163840 * 7168 + 7168)

@@ -91,3 +91,30 @@ def test_readme_links_chapters_in_order_and_docs():
     assert seen == expected, f"README must link every chapter once, in order: found {seen}, expected {expected}"
     for doc in DOCS:
         assert f"docs/{doc.name}" in links, f"README does not link docs/{doc.name}"
+
+
+SOURCES = REPO / "docs" / "sources.md"
+CITATION = re.compile(r"sources(?:\.md)? §(\d+(?:\.\d+)?)((?:, §\d+(?:\.\d+)?)*)")
+
+
+def _tracked_texts() -> list[Path]:
+    names = subprocess.run(["git", "-C", str(REPO), "ls-files"], capture_output=True, text=True).stdout.split()
+    return [REPO / n for n in names if n.endswith((".py", ".md", ".json", ".ipynb")) and (REPO / n).is_file()]
+
+
+def test_every_sources_citation_lands_on_a_heading_and_nothing_cites_the_shared_sheet():
+    """Code, tests and docs cite docs/sources.md ("sources §N"); users have no ../shared to look things up in."""
+    headings = set(re.findall(r"^#{2,3} (\d+(?:\.\d+)?)[.\s]", SOURCES.read_text(), re.M))
+    assert {"0", "5", "9", "12.3"} <= headings
+    cited, broken, shared = 0, [], []
+    for path in _tracked_texts():
+        text = path.read_text(encoding="utf-8", errors="replace")
+        for m in CITATION.finditer(text):
+            for number in [m[1], *re.findall(r"§(\d+(?:\.\d+)?)", m[2])]:
+                cited += 1
+                if number not in headings:
+                    broken.append(f"{path.relative_to(REPO)}: sources §{number}")
+        if re.search(r"FACTS(?:\.md)?`? §", text):
+            shared.append(str(path.relative_to(REPO)))
+    assert cited > 40 and not broken, broken
+    assert not shared, f"cite docs/sources.md, not the shared FACTS sheet: {shared}"

@@ -243,7 +243,7 @@ def test_dequantize_and_pack_bad_inputs_are_clear_errors():
 
 
 def test_packed_bytes_per_kimi_expert():
-    # FACTS §7: 44,040,192 weights per expert × (0.5 B + 2/32 B) = 24.77 MB, vs 88.08 MB in bf16.
+    # sources §7: 44,040,192 weights per expert × (0.5 B + 2/32 B) = 24.77 MB, vs 88.08 MB in bf16.
     d, w = 7168, 2048
     expert = 2 * int4.packed_bytes(w, d) + int4.packed_bytes(d, w)
     assert round(expert / 1e6, 2) == 24.77

@@ -196,7 +196,7 @@ def test_hidden_states_and_inputs_embeds():
 
 
 def expected_keys(cfg) -> set[str]:
-    """The flat checkpoint names (FACTS §5), written out independently of the model code."""
+    """The flat checkpoint names (sources §5), written out independently of the model code."""
     keys = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(cfg.num_hidden_layers):
         p = f"model.layers.{i}."

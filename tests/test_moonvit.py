@@ -368,7 +368,7 @@ def test_tower_keys_are_the_checkpoint_names():
     projector = moonvit.Projector(real, device="meta")
     shapes = {f"vision_tower.{k}": tuple(v.shape) for k, v in tower.state_dict().items()}
     shapes |= {f"mm_projector.{k}": tuple(v.shape) for k, v in projector.state_dict().items()}
-    assert len(shapes) == 329 + 6  # FACTS §5
+    assert len(shapes) == 329 + 6  # sources §5
     assert shapes["vision_tower.patch_embed.proj.weight"] == (1152, 3, 14, 14)
     assert shapes["vision_tower.patch_embed.pos_emb.weight"] == (64, 64, 1152)
     assert shapes["vision_tower.encoder.blocks.26.wqkv.weight"] == (3456, 1152)

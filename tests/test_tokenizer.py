@@ -2,7 +2,7 @@
 
 Peers: tiktoken itself (a ``tiktoken.Encoding`` built from the same ranks), an independent naive
 trainer and chunker (chapters/solutions/01_tokenizer.py), and the shipped demo files rebuilt from
-scratch. The real 163,584-rank ``tiktoken.model`` is not public (FACTS §8), so the real layout is
+scratch. The real 163,584-rank ``tiktoken.model`` is not public (sources §8), so the real layout is
 checked through ``special_tokens_layout`` and a ``tokenizer_config.json`` in the real format.
 """
 
@@ -211,7 +211,7 @@ def test_pieces_partition_the_text(text):
 
 # ---- special tokens ------------------------------------------------------------------------------------
 
-REAL_SPECIALS = {  # FACTS §8
+REAL_SPECIALS = {  # sources §8
     163584: "[BOS]", 163585: "[EOS]", 163586: "<|im_end|>", 163587: "<|im_user|>", 163588: "<|im_assistant|>",
     163590: "<|start_header_id|>", 163591: "<|end_header_id|>", 163593: "[EOT]", 163594: "<|im_system|>",
     163595: "<|tool_calls_section_begin|>", 163596: "<|tool_calls_section_end|>", 163597: "<|tool_call_begin|>",
@@ -364,7 +364,7 @@ def test_rank_file_round_trip(tmp_path, demo_py):
 # ---- from_pretrained with a tokenizer_config.json in the real format -------------------------------------
 
 def _real_format_config(n_ranks: int, *, bos_as_dict: bool = False, reserved_listed: bool = True) -> dict:
-    """A tokenizer_config.json as Kimi's checkpoints ship it (FACTS §8), for a vocabulary of n_ranks."""
+    """A tokenizer_config.json as Kimi's checkpoints ship it (sources §8), for a vocabulary of n_ranks."""
     flags = {0: True, 1: True, 2: True, 3: True, 4: True, 6: True, 7: True, 9: True, 10: True, 11: False,
              12: False, 13: False, 14: False, 15: False, 17: True, 18: True, 19: True, 20: True, 21: True,
              22: False, 23: False, 254: True, 255: True}

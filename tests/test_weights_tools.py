@@ -4,7 +4,7 @@
 * inspect: layers, experts, dtypes and bytes per component, from the headers.
 * verify: 0 on a sound checkpoint; 1 and every problem, named, on a broken one.
 * memory_plan: per-rank bytes for the real config at TP 8 and 256K context equal an independent count
-  from the FACTS §5 shapes.
+  from the sources §5 shapes.
 * dequantize: one expert to bf16, equal to the float64 oracle's dequantization.
 Error paths run in-process through each tool's ``main(argv)``.
 """
@@ -136,7 +136,7 @@ def test_verify_cli(tiny, tmp_path):
 
 
 def _independent_rank_bytes(tp: int) -> dict[str, int]:
-    """Per-rank bytes at the real K2.5 shapes (FACTS §5), counted here without kimi_ref."""
+    """Per-rank bytes at the real K2.5 shapes (sources §5), counted here without kimi_ref."""
     bf, layers, moe_layers = 2, 61, 60
     d, vocab = 7168, 163840
     attention = bf * (1536 * d + 1536 + 12288 // tp * 1536 + 576 * d + 512 + 16384 // tp * 512 + d * 8192 // tp)

@@ -2,7 +2,7 @@
 
 Writes ``OUT_DIR/tiktoken.model`` (3840 BPE ranks: the 256 bytes, then 3584 merges learned by our own
 :func:`kimi_ref.tokenizer.train_bpe` with ``split_digits``, so every digit is its own token) and
-``OUT_DIR/tokenizer_config.json`` (shaped like Kimi's: the special tokens of FACTS §8 at the same
+``OUT_DIR/tokenizer_config.json`` (shaped like Kimi's: the special tokens of sources §8 at the same
 offsets after the ranks, so n_vocab = 3840 + 256 = 4096 and ``<|im_end|>`` = 3842 where the real one is 163586 = 163584 + 2).
 
 The corpus is generated here, from text written in this file and a seeded ``random.Random``: no
@@ -424,7 +424,7 @@ def conversions(rng: random.Random, n: int) -> list[str]:
 
 
 def _ts_declaration(tools: list[dict]) -> str:
-    """The TypeScript-style tool declaration K2.5 puts in its tool_declare message (FACTS §9)."""
+    """The TypeScript-style tool declaration K2.5 puts in its tool_declare message (sources §9)."""
     out = ["# Tools", "", "## functions", "namespace functions {"]
     for tool in tools:
         out.append(f"// {tool['description']}")
@@ -564,7 +564,7 @@ def build_corpus(seed: int = SEED) -> str:
 
 
 def tokenizer_config(n_ranks: int) -> dict:
-    """A ``tokenizer_config.json`` shaped like Kimi's (FACTS §8), with ids from ``n_ranks``."""
+    """A ``tokenizer_config.json`` shaped like Kimi's (sources §8), with ids from ``n_ranks``."""
     def entry(name: str, special: bool) -> dict:
         return {"content": name, "lstrip": False, "normalized": False, "rstrip": False, "single_word": False,
                 "special": special}

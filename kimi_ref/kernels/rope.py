@@ -4,7 +4,7 @@
     (x[2i], x[2i+1]) ↦ (x[2i]·cos_i − x[2i+1]·sin_i,  x[2i+1]·cos_i + x[2i]·sin_i)
 
 The rope dims are stored as pairs (x0, y0, x1, y1, ...), not as two halves: getting this wrong gives
-a model that talks fluently and is quietly broken (FACTS §6). The angles come from
+a model that talks fluently and is quietly broken (sources §6). The angles come from
 ``kimi_ref.rope.cos_sin`` (float64 angles, fp32 cos/sin, YaRN already folded in); this kernel only turns
 the pairs, in fp32. One program handles one (b, t) row: all H heads share the token's angles.
 In Kimi r = 64 and it is used for q_rope (per head) and the single shared k_rope (H = 1).

@@ -237,7 +237,7 @@ def expected_shapes(config: KimiConfig) -> dict[str, tuple[int, ...]]:
 
 def _dequantize_int4(module: str, parts: dict[str, np.ndarray], where: dict[str, Path],
                      config: KimiConfig) -> np.ndarray:
-    from kimi_ref.oracle import int4  # the numpy twin of kimi_ref.int4 (FACTS §7)
+    from kimi_ref.oracle import int4  # the numpy twin of kimi_ref.int4 (sources §7)
 
     packed, scale, shape = (parts[k] for k in _INT4_PARTS)
     if packed.dtype != np.int32:
