@@ -6,7 +6,7 @@
     POST /v1/chat/completions    a chat.completion, or with "stream": true a text/event-stream of
                                  chat.completion.chunk events ending in ``data: [DONE]``
 
-A handler reads the body (at most --max-body-mb; more is a 413 before the rest is read), checks it
+A handler reads the body (at most --max-body-mb; more is a 413), checks it
 (``requests``), prepares the prompt and images off the event loop (``prompt``), queues the job
 (``engine``; a full queue is a 503) and relays the job's deltas. Every error leaves as
 ``{"error": {"message", "type", "param", "code"}}``, the shape OpenAI's clients read, never as a
@@ -135,19 +135,24 @@ def _no_such_model(name: str, served: str) -> RequestError:
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
-    def too_large(size: str) -> RequestError:
-        return RequestError(f"the request body is {size} bytes, more than this server takes ({limit} bytes, "
-                            "--max-body-mb)", status=413, code="request_too_large")
+    """The body, or a 413. An oversize body is still read to its end (and dropped, up to 4 times the limit)
+    so that the client, still sending, gets to read the 413 instead of a reset connection."""
+    def too_large(size: int) -> RequestError:
+        return RequestError(f"the request body is {size} bytes or more; this server takes at most {limit} bytes "
+                            "(--max-body-mb)", status=413, code="request_too_large")
 
     declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large(declared)
+    if declared.isdigit() and int(declared) > 4 * limit:
+        raise too_large(int(declared))
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > limit:
-            raise too_large(f"more than {size - len(chunk)}")
-        chunks.append(chunk)
+        if size > 4 * limit:
+            raise too_large(size)
+        if size <= limit:
+            chunks.append(chunk)
+    if size > limit:
+        raise too_large(size)
     return b"".join(chunks)
 
 
