@@ -415,6 +415,30 @@ def test_a_plain_request_whose_client_leaves_is_stopped(server):
     assert _status(server)["cancelled"] == before["cancelled"] + 1
 
 
+class _FailingModel:
+    """The served model, except that every forward fails (as an out-of-memory would)."""
+
+    def __init__(self, model) -> None:
+        self.model = model
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+
+def test_a_failed_generation_is_a_500_and_the_server_goes_on(server, client, monkeypatch):
+    monkeypatch.setattr(server.engine, "model", _FailingModel(server.engine.model))
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.chat.completions.create(model="kimi-nano", messages=[USER], max_tokens=2)
+    assert caught.value.body["message"] == "the generation failed: RuntimeError: out of memory (simulated)"
+    with pytest.raises(openai.APIError, match="out of memory"):  # streamed: an error event after the headers
+        collect(client.chat.completions.create(model="kimi-nano", messages=[USER], max_tokens=2, stream=True))
+    monkeypatch.undo()
+    assert client.chat.completions.create(model="kimi-nano", messages=[USER], max_tokens=2).choices
+
+
 def test_api_key(server):
     from kimi_ref.serve import start
 

@@ -77,6 +77,7 @@ def create_app(engine: Engine, builder: PromptBuilder, model_name: str, max_body
         chat = parse_chat_request(await _read_body(request, max_body_bytes))
         if chat.model is not None and chat.model != model_name:
             raise _no_such_model(chat.model, model_name)
+        engine.check_room()  # a full queue refuses before the images are decoded
         prepared = await run_in_threadpool(builder.prepare, chat)  # images decode here: off the event loop
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Any] = asyncio.Queue()

@@ -68,8 +68,8 @@ class Engine:
     def start(self) -> None:
         self._thread.start()
 
-    def submit(self, job: Job) -> None:
-        """Queue ``job``, or refuse it with a 503 when the queue is full or the server is closing."""
+    def check_room(self) -> None:
+        """Refuse with a 503 when the queue is full or the server is closing (before any work on a request)."""
         with self._cond:
             if self.closed:
                 raise _closing()
@@ -77,6 +77,11 @@ class Engine:
                 raise RequestError(f"the server is busy: {len(self.waiting)} requests are already waiting "
                                    f"(--max-queue {self.max_queue}); try again later", status=503,
                                    type="server_error", code="queue_full")
+
+    def submit(self, job: Job) -> None:
+        """Queue ``job``, or refuse it as :meth:`check_room` does."""
+        with self._cond:
+            self.check_room()
             self.waiting.append(job)
             self._cond.notify()
 
@@ -94,7 +99,7 @@ class Engine:
             if self.running is not None:
                 self.running.cancel.set()
             self._cond.notify()
-        if self._thread.is_alive():
+        if self._thread.is_alive() and threading.current_thread() is not self._thread:
             self._thread.join(timeout)
 
     # ---- the thread ----
@@ -116,9 +121,18 @@ class Engine:
                         self.counts["cancelled"] += 1
                     else:
                         self._run(job)
+                except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the server goes on
+                    traceback.print_exc(file=sys.stderr)
+                    self.counts["failed"] += 1
+                    job.emit(RequestError(f"the generation failed: {type(e).__name__}: {e}", status=500,
+                                          type="server_error"))
                 finally:
                     with self._cond:
                         self.running = None
+        except BaseException:  # the thread cannot go on (a broken TP group): no request may wait for it
+            traceback.print_exc(file=sys.stderr)
+            self.close(timeout=0)
+            raise
         finally:
             self._header(EXIT)
 
@@ -138,21 +152,25 @@ class Engine:
             send_ids([media[0].shape[-1]] + [v for grid in media[1] for v in grid], self.tp, self.device)
             parallel.broadcast(media[0], self.tp)
         turn = Turn(self.tok, p.prompt_tokens, p.stop, p.starts_in_reasoning, p.stop_ids)
+        failure: list[BaseException] = []
 
         def on_token(token: int) -> None:
-            for delta in turn.feed(token):
-                job.emit(delta)
+            # Never raise inside generate(): the other ranks would be left mid-collective. A failure here
+            # stops the generation with the next token, on every rank, and is reported after it.
+            if failure:
+                return
+            try:
+                for delta in turn.feed(token):
+                    job.emit(delta)
+            except Exception as e:  # noqa: BLE001
+                failure.append(e)
 
-        try:
-            result = generate(self.model, p.ids, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
-                              top_p=p.top_p, generator=make_generator(p.seed), stop_ids=p.stop_ids,
-                              on_token=on_token, should_stop=lambda: job.cancel.is_set() or turn.stopped,
-                              tp=self.tp, media=media)
-        except Exception as e:  # noqa: BLE001 - e.g. out of memory: this request fails, the server stays up
-            traceback.print_exc(file=sys.stderr)
-            self.counts["failed"] += 1
-            job.emit(RequestError(f"the generation failed: {type(e).__name__}: {e}", status=500, type="server_error"))
-            return
+        result = generate(self.model, p.ids, max_new_tokens=p.max_new_tokens, temperature=p.temperature,
+                          top_p=p.top_p, generator=make_generator(p.seed), stop_ids=p.stop_ids,
+                          on_token=on_token, should_stop=lambda: job.cancel.is_set() or turn.stopped or bool(failure),
+                          tp=self.tp, media=media)
+        if failure:
+            raise failure[0]
         if job.cancel.is_set():  # the client left, or the server is closing: no one waits for an answer
             self.counts["cancelled"] += 1
             job.emit(_closing() if self.closed else RequestError("the request was cancelled", status=499,
