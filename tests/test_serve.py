@@ -532,3 +532,19 @@ def test_request_fields_are_checked_by_name():
         with pytest.raises(RequestError) as caught:
             parse_chat_request(json.dumps(body).encode())
         assert caught.value.param == param and caught.value.status == 400, caught.value.message
+
+
+def test_the_answer_budget():
+    from kimi_ref.config import load_config
+    from kimi_ref.serve.prompt import Defaults, PromptBuilder
+    from kimi_ref.tokenizer import Tokenizer
+
+    tok, config = Tokenizer.from_pretrained(NANO_DIR), load_config(NANO_DIR)
+    request = parse_chat_request(json.dumps({"messages": [USER]}).encode())
+    prompt = len(PromptBuilder(tok, config, NANO_DIR, "k2.7-code", 4096, Defaults(1.0, 0.95, 7)).prepare(request).ids)
+    for limit, default, budget in [(4096, 7, 7), (prompt + 3, 7, 3), (4096, None, 4096 - prompt)]:
+        builder = PromptBuilder(tok, config, NANO_DIR, "k2.7-code", limit, Defaults(1.0, 0.95, default))
+        assert builder.prepare(request).max_new_tokens == budget
+    with pytest.raises(RequestError) as caught:
+        PromptBuilder(tok, config, NANO_DIR, "k2.7-code", prompt, Defaults(1.0, 0.95, 7)).prepare(request)
+    assert caught.value.code == "context_length_exceeded"

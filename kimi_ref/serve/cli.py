@@ -2,7 +2,8 @@
 
 The flags the chat CLI also has (--ckpt, --tp, --device, --dtype, --backend, --variant, --temperature,
 --top-p, --max-new-tokens) mean the same here; the sampling ones are the defaults of requests that do
-not say. Exit status: 0 after Ctrl-C / SIGTERM (a clean stop), 2 for a refused command line.
+not say. Exit status: 0 after Ctrl-C, 2 for a refused command line; SIGTERM stops the server as cleanly
+and then ends the process by that signal, as uvicorn does.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kimi_ref.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 
     p = argparse.ArgumentParser(prog="python -m kimi_ref.serve",
                                 description="An OpenAI-compatible chat-completions server for a Kimi K2.x checkpoint.")
@@ -31,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
                    help="for requests without one; 0 = greedy (default 1.0)")
     p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="for requests without one (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help="for requests without max_tokens (default: up to the end of the context)")
+    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                   help=f"for requests without max_tokens (default {DEFAULT_MAX_NEW_TOKENS}, as the chat's)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--served-model-name", default=None,

@@ -14,7 +14,9 @@ and all of it happens before the request joins the queue, so a bad request never
   ``data:`` URL, or a local file under ``--allowed-local-media-path``. A remote URL is never fetched;
 * the prompt (each image counted as its rows) must leave room for one new token in ``--max-model-len``,
   and a ``max_tokens`` that does not fit beside the prompt is refused, as OpenAI does. Without
-  ``max_tokens`` the answer may run to ``--max-new-tokens`` or, by default, to the end of the context.
+  ``max_tokens`` the answer may run to ``--max-new-tokens`` (512, as the chat's), or to the end of the
+  context if that comes first. (Not to the end of the context by default: ``generate`` allocates the KV
+  cache for the whole budget up front, which for the real model's 256K context is gigabytes per request.)
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from kimi_ref.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kimi_ref.parallel import SINGLE, TP
 
 __all__ = ["ServeSettings", "rank_main", "start", "BackgroundServer", "listen"]
@@ -37,7 +37,7 @@ class ServeSettings:
     variant: str = "k2.7-code"
     temperature: float = DEFAULT_TEMPERATURE
     top_p: float = DEFAULT_TOP_P
-    max_new_tokens: int | None = None   # default budget of a request without max_tokens; None: rest of the context
+    max_new_tokens: int | None = DEFAULT_MAX_NEW_TOKENS  # a request without max_tokens; None: the rest of the context
     host: str = "127.0.0.1"
     port: int = 8000
     model_name: str = "kimi-nano"
