@@ -548,3 +548,42 @@ def test_the_answer_budget():
     with pytest.raises(RequestError) as caught:
         PromptBuilder(tok, config, NANO_DIR, "k2.7-code", prompt, Defaults(1.0, 0.95, 7)).prepare(request)
     assert caught.value.code == "context_length_exceeded"
+
+
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 2 ** 70) | st.floats() | st.text(max_size=8),
+                     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+                     max_leaves=12)
+_PART = st.fixed_dictionaries({"type": st.sampled_from(["text", "image_url", "video", 3])},
+                              optional={"text": _JSON | st.text(max_size=8), "image_url": _JSON | st.fixed_dictionaries(
+                                  {"url": st.sampled_from(["data:image/png;base64,AAAA", "data:,x", "x.png",
+                                                           "http://h/x.png", "file:///etc/passwd"])})})
+_MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool", "system", "developer", "x", None])},
+                                 optional={"content": st.none() | st.text(max_size=12) | st.lists(_PART, max_size=2) | _JSON,
+                                           "tool_call_id": _JSON, "name": _JSON, "reasoning_content": _JSON,
+                                           "tool_calls": st.lists(_JSON, max_size=2) | _JSON})
+_BODY = st.fixed_dictionaries({"messages": st.lists(_MESSAGE, max_size=3) | _JSON},
+                              optional={key: _JSON for key in ("max_tokens", "temperature", "top_p", "seed", "stop",
+                                                               "tools", "tool_choice", "stream", "stream_options",
+                                                               "chat_template_kwargs", "thinking", "n")})
+
+
+@pytest.fixture(scope="module")
+def builder(media_dir):
+    from kimi_ref.config import load_config
+    from kimi_ref.serve.prompt import Defaults, PromptBuilder
+    from kimi_ref.tokenizer import Tokenizer
+
+    return PromptBuilder(Tokenizer.from_pretrained(NANO_DIR), load_config(NANO_DIR), NANO_DIR, "k2.7-code", 64,
+                         Defaults(1.0, 0.95, 8), media_dir)
+
+
+@given(st.one_of(_BODY, _JSON, st.binary(max_size=40)))
+def test_any_body_is_a_request_or_a_named_refusal(builder, body):
+    """Random JSON, random bytes and near-valid requests: a prepared generation, or a RequestError; nothing else."""
+    raw_body = body if isinstance(body, bytes) else json.dumps(body).encode()
+    try:
+        prepared = builder.prepare(parse_chat_request(raw_body))
+    except RequestError as e:
+        assert e.message and 400 <= e.status < 500
+        return
+    assert 1 <= prepared.max_new_tokens and prepared.prompt_tokens + prepared.max_new_tokens <= 64
