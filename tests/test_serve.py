@@ -489,6 +489,46 @@ def test_tp2_gives_the_tokens_of_tp1(png):
             proc.wait()
 
 
+def _answer_after_heartbeats(tp, device, ckpt):
+    """Every rank: rank 0 idles through many heartbeats, then answers one request; the others follow."""
+    import queue
+
+    from kimi_ref.checkpoint import load_model
+    from kimi_ref.config import load_config
+    from kimi_ref.serve.engine import Engine, Job, follow
+    from kimi_ref.serve.prompt import Defaults, PromptBuilder
+    from kimi_ref.serve.turn import Answer
+    from kimi_ref.tokenizer import Tokenizer
+
+    model = load_model(ckpt, device=device, dtype="float32", tp=tp, progress=False)
+    if tp.rank != 0:
+        follow(model, tp, device)
+        return None
+    tok = Tokenizer.from_pretrained(ckpt)
+    builder = PromptBuilder(tok, load_config(ckpt), ckpt, "k2.7-code", 4096, Defaults(1.0, 0.95, 24))
+    engine = Engine(model, tok, tp, device, max_queue=1, heartbeat_s=0.02)
+    engine.start()
+    deadline = time.monotonic() + 30  # some NOOP headers first: the followers must read each one and stay in step
+    while engine.heartbeats < 5 and tp.world_size > 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    events: queue.Queue = queue.Queue()
+    engine.submit(Job(builder.prepare(parse_chat_request(json.dumps({"messages": CARD, "seed": 1}).encode())),
+                      events.put))
+    while not isinstance(event := events.get(timeout=60), Answer):
+        pass
+    engine.close()
+    return event.message, event.usage, engine.heartbeats
+
+
+def test_followers_keep_step_through_heartbeats():
+    from kimi_ref.launch import launch
+
+    *one, none = launch(_answer_after_heartbeats, 1, "cpu", str(NANO_DIR))
+    *two, heartbeats = launch(_answer_after_heartbeats, 2, "cpu", str(NANO_DIR), timeout_s=60)
+    assert two == one and one[0].content is not None
+    assert none == 0 and heartbeats >= 5, "an idle rank 0 sends heartbeats, and only with followers to hear them"
+
+
 def test_command_line_refusals(capsys):
     from kimi_ref.serve import main
 

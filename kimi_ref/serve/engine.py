@@ -62,6 +62,7 @@ class Engine:
         self.running: Job | None = None
         self.closed = False
         self.counts = {"completed": 0, "cancelled": 0, "failed": 0}
+        self.heartbeats = 0  # NOOP headers sent to the followers
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._loop, name="kimi_ref-serve-engine", daemon=True)
 
@@ -115,6 +116,7 @@ class Engine:
                     self.running = job
                 if job is None:
                     self._header(NOOP)
+                    self.heartbeats += self.tp.world_size > 1
                     continue
                 try:
                     if job.cancel.is_set():

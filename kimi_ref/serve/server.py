@@ -156,7 +156,11 @@ def start(ckpt: str | Path | None = None, *, port: int = 0, model: Any = None, l
     if model is None:
         model = load_model(s.ckpt, device=s.device, dtype=s.dtype, backend=s.backend, progress=False)
     app, engine = _build(model, s, SINGLE, s.device)
-    sock = listen(s.host, s.port)
+    try:
+        sock = listen(s.host, s.port)
+    except OSError:
+        engine.close()
+        raise
     server = _uvicorn(app, engine, log_level)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="kimi_ref-serve-http", daemon=True)
     thread.start()
