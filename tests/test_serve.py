@@ -103,11 +103,16 @@ def data_url(path: Path) -> str:
 STATS = re.compile(r"── prompt (\d+) · reasoning (\d+) · answer (\d+) tokens")
 
 
+# Said on both sides, not left to either's defaults: the comparison is of the same settings.
+SAMPLING = {"temperature": 1.0, "top_p": 0.95}
+CHAT_SAMPLING = ["--variant", "k2.7-code", "--temperature", "1.0", "--top-p", "0.95"]
+
+
 def run_chat(capsys, tmp_path, *args: str) -> tuple[list[dict], list[tuple[int, int, int]]]:
     """``python -m kimi_ref.chat ARGS --save F`` in this process: the saved messages and each turn's counts."""
     save = tmp_path / f"chat{len(list(tmp_path.iterdir()))}.json"
     capsys.readouterr()
-    assert chat_main([*args, "--save", str(save)]) == 0
+    assert chat_main([*CHAT_SAMPLING, *args, "--save", str(save)]) == 0  # a later --temperature wins
     out = capsys.readouterr().out
     return load_conversation(save)[0], [tuple(map(int, m)) for m in STATS.findall(out)]
 
@@ -162,6 +167,7 @@ def collect(stream) -> tuple[dict, str, object]:
 
 def ask_both(client, **kwargs):
     """The same request plain and streamed; both answers must agree. Returns the plain response."""
+    kwargs = {**SAMPLING, **kwargs}
     plain = client.chat.completions.create(model="kimi-nano", **kwargs)
     streamed, finish, usage = collect(client.chat.completions.create(
         model="kimi-nano", stream=True, stream_options={"include_usage": True}, **kwargs))
@@ -213,7 +219,7 @@ def test_model_card_preserve_thinking_example(client, capsys, tmp_path, nano_wit
     # The K2.6/K2.7 cards' key, "reasoning", is read the same way.
     alias = [PRESERVE[0], {"role": "assistant", "reasoning": PRESERVE[1]["reasoning_content"],
                            "content": PRESERVE[1]["content"]}, PRESERVE[2]]
-    again = client.chat.completions.create(model="kimi-nano", messages=alias, max_tokens=40, seed=2)
+    again = client.chat.completions.create(model="kimi-nano", messages=alias, max_tokens=40, seed=2, **SAMPLING)
     assert chat_shape(again.choices[0].message) == messages[-1]
 
 
@@ -229,7 +235,7 @@ def test_visual_content(client, capsys, tmp_path, png):
     for url in (str(png), png.as_uri()):
         local = [{"type": "image_url", "image_url": {"url": url}}, parts[1]]
         same = client.chat.completions.create(model="kimi-nano", messages=[{"role": "user", "content": local}],
-                                              tools=NANO_TOOLS, max_tokens=24, seed=4)
+                                              tools=NANO_TOOLS, max_tokens=24, seed=4, **SAMPLING)
         assert chat_shape(same.choices[0].message) == messages[1]
 
 
@@ -264,7 +270,7 @@ def test_tool_loop_calculator_then_answer(client, capsys, tmp_path):
 
 
 def test_stop_strings_cut_the_answer(client):
-    full = client.chat.completions.create(model="kimi-nano", messages=CARD, max_tokens=40, seed=1)
+    full = client.chat.completions.create(model="kimi-nano", messages=CARD, max_tokens=40, seed=1, **SAMPLING)
     content = full.choices[0].message.content
     stop = content[len(content) // 2:len(content) // 2 + 2]
     cut = ask_both(client, messages=CARD, max_tokens=40, seed=1, stop=[stop, "never in it"])
@@ -536,6 +542,9 @@ def test_command_line_refusals(capsys):
     assert main(["--variant", "k9"]) == 2 and "--variant 'k9'" in capsys.readouterr().err
     assert main(["--allowed-local-media-path", "/nonexistent"]) == 2
     assert "no such directory" in capsys.readouterr().err
+    with pytest.MonkeyPatch.context() as patch:  # without the extra: what to install, not a traceback
+        patch.setitem(sys.modules, "uvicorn", None)
+        assert main([]) == 2 and "pip install -e '.[serve]'" in capsys.readouterr().err
 
 
 # ---- pieces without a server ----------------------------------------------------------------------------------
