@@ -397,12 +397,12 @@ def _launch_fused_moe(x, tw, ids, w, offset, block_m, block_n, block_k):
     K_MOE._gate_up_kernel[(blk_expert.numel(), -(-i // block_n))](
         x, order, blk_expert, blk_start, blk_end, gp, gs, up, us, h, d, i, k, x.stride(0), gp.stride(0), gp.stride(1),
         gs.stride(0), gs.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE)
+        GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE, USE_DOT=block_m > 1)
     y = torch.zeros(n * k, d, dtype=F32)
     K_MOE._down_kernel[(blk_expert.numel(), -(-d // block_n))](
         h, order, blk_expert, blk_start, blk_end, tw.float().contiguous().view(-1), dp, ds, y, d, i, h.stride(0),
         dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE)
+        BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE, USE_DOT=block_m > 1)
     return y.view(n, k, d).sum(1)
 
 
