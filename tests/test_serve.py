@@ -221,6 +221,11 @@ def test_model_card_preserve_thinking_example(client, capsys, tmp_path, nano_wit
                            "content": PRESERVE[1]["content"]}, PRESERVE[2]]
     again = client.chat.completions.create(model="kimi-nano", messages=alias, max_tokens=40, seed=2, **SAMPLING)
     assert chat_shape(again.choices[0].message) == messages[-1]
+    # The K2.6 card's switch, sent to K2.7-Code (where it is forced on anyway), changes nothing.
+    switched = client.chat.completions.create(model="kimi-nano", messages=PRESERVE, max_tokens=40, seed=2, **SAMPLING,
+                                              extra_body={"chat_template_kwargs": {"thinking": True,
+                                                                                   "preserve_thinking": True}})
+    assert chat_shape(switched.choices[0].message) == messages[-1]
 
 
 def test_visual_content(client, capsys, tmp_path, png):
