@@ -475,7 +475,11 @@ def test_tp2_gives_the_tokens_of_tp1(png):
     tp1 = start(dtype="float32")
     client = openai.OpenAI(base_url=tp1.base_url, api_key="none", max_retries=0, timeout=60)
     try:
-        line = proc.stdout.readline()  # printed once the server listens
+        lines: list[str] = []  # the "serving ..." line, printed once the server listens (waited for, with a limit)
+        reader = threading.Thread(target=lambda: lines.append(proc.stdout.readline()), daemon=True)
+        reader.start()
+        reader.join(timeout=120)
+        line = lines[0] if lines else "(no line within 120 s)"
         match = re.search(r"serving kimi-nano on (http://127\.0\.0\.1:\d+/v1) \(TP 2, cpu\)", line)
         assert match, line + proc.stderr.read() if proc.poll() is not None else line
         tp2 = openai.OpenAI(base_url=match.group(1), api_key="none", max_retries=0, timeout=60)
