@@ -10,12 +10,14 @@
 # 3. **sample** a token from the last row of logits (temperature 1.0, top-p 0.95: the model card's defaults),
 # 4. **decode**: feed that one token, reading everything earlier from the cache; repeat from 3,
 # 5. **stop** at `<|im_end|>`, at `--max-new-tokens`, or when the context is full,
-# 6. **parse** the stream into reasoning, answer and tool calls as it arrives.
+# 6. **parse** the stream into reasoning, answer and tool calls as it arrives,
+# 7. and **serve** all of it to the official `openai` client, as vLLM serves the real model.
 #
 # Code: [kimi_ref/generate.py](../kimi_ref/generate.py) (the loop and sampling),
 # [kimi_ref/chat.py](../kimi_ref/chat.py) (the CLI), [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py)
-# (the stream parser), tests in [tests/test_generate.py](../tests/test_generate.py) and
-# [tests/test_chat_cli.py](../tests/test_chat_cli.py).
+# (the stream parser), [kimi_ref/serve/](../kimi_ref/serve/) (the OpenAI-compatible server, section 7), tests in
+# [tests/test_generate.py](../tests/test_generate.py), [tests/test_chat_cli.py](../tests/test_chat_cli.py) and
+# [tests/test_serve.py](../tests/test_serve.py).
 #
 # We use the embedded tiny checkpoint (real layout, random weights), so what it *says* is noise;
 # how it says it is exactly what the 1T-parameter model does.
@@ -206,10 +208,114 @@ plt.title("KV cache of one sequence, Kimi K2.x, bf16")
 plt.show()
 
 # %% [markdown]
+# ## 7. The same model behind an OpenAI-compatible server
+#
+# Kimi's model cards show every use through the official `openai` client, talking to a server such as
+# vLLM. `python -m kimi_ref.serve` is that server for this project ([docs/serving.md](../docs/serving.md)):
+# each request is rendered with the chat template, generated with the loop above, and parsed by the
+# stream parser into `reasoning_content`, `content` and `tool_calls`. Requests run one at a time from a
+# bounded queue. Here we start it inside the notebook, in background threads, on a free port, serving
+# the model already loaded above, and talk to it exactly as a notebook would talk to a real deployment.
+
+# %%
+from openai import OpenAI
+
+from kimi_ref.serve import start
+
+server = start(ckpt, model=model)  # 127.0.0.1, a free port; python -m kimi_ref.serve is the command line
+client = OpenAI(base_url=server.base_url, api_key="none")
+print(server.base_url, [m.id for m in client.models.list().data])
+
+# %% [markdown]
+# The model card's first example: a system prompt, a question, and an answer whose reasoning comes back
+# in its own field. kimi-nano knows only the little world of arithmetic it was trained on (chapter 13), so
+# what it says here is noise; the tool loop below is what it was made for. `seed` makes it repeatable (tests/test_serve.py checks that the chat CLI, given the same
+# conversation and seed, writes the same tokens).
+
+# %%
+response = client.chat.completions.create(
+    model="kimi-nano", max_tokens=40, seed=1,
+    messages=[{"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
+              {"role": "user", "content": "which one is bigger, 9.11 or 9.9? think carefully."}])
+message = response.choices[0].message
+print("reasoning:", message.reasoning_content)
+print("answer:   ", message.content)
+print(response.choices[0].finish_reason, response.usage.model_dump(exclude_none=True))
+
+# %% [markdown]
+# Streamed, the same answer arrives as deltas (server-sent events), reasoning first. Joined up they are
+# the answer above.
+
+# %%
+pieces = {"reasoning_content": [], "content": []}
+for chunk in client.chat.completions.create(
+        model="kimi-nano", max_tokens=40, seed=1, stream=True,
+        messages=[{"role": "system", "content": "You are Kimi, an AI assistant created by Moonshot AI."},
+                  {"role": "user", "content": "which one is bigger, 9.11 or 9.9? think carefully."}]):
+    delta = chunk.choices[0].delta
+    for key in pieces:
+        text = getattr(delta, key, None) or (delta.model_extra or {}).get(key)
+        if text:
+            pieces[key].append(text)
+print(len(pieces["reasoning_content"]) + len(pieces["content"]), "deltas, e.g.", pieces["reasoning_content"][:6])
+assert "".join(pieces["reasoning_content"]) == message.reasoning_content
+assert "".join(pieces["content"]) == message.content
+
+# %% [markdown]
+# A K2-Thinking-style tool loop: the model asks for the calculator (a kimi_k2 call, id
+# `functions.calculator:0`, JSON arguments), we run it and send the result back with the assistant
+# message *including its reasoning* (K2.7-Code keeps earlier reasoning in the prompt), and it answers.
+
+# %%
+from kimi_ref.chat import checkpoint_tools
+from kimi_ref.tools import run_tool
+
+tools = checkpoint_tools(ckpt)  # the calculator kimi-nano was trained with
+messages = [{"role": "user", "content": "What is 17*23?"}]
+for _ in range(3):
+    reply = client.chat.completions.create(model="kimi-nano", messages=messages, tools=tools,
+                                           temperature=0, max_tokens=64)
+    said = reply.choices[0].message
+    messages.append(said.model_dump(exclude_none=True))
+    print(f"[{reply.choices[0].finish_reason}] reasoning: {said.reasoning_content!r} content: {said.content!r}")
+    if reply.choices[0].finish_reason != "tool_calls":
+        break
+    for call in said.tool_calls:
+        result = run_tool(call.model_dump(), lambda question: "", ["calculator"])
+        print(f"    {call.id} {call.function.arguments} -> {result}")
+        messages.append({"role": "tool", "tool_call_id": call.id, "name": call.function.name, "content": result})
+
+# %% [markdown]
+# Images travel as `image_url` content parts, here a base64 `data:` URL (the server never downloads a
+# remote URL). The usage counts the image as the rows MoonViT gives it. And a request the server cannot
+# take gets OpenAI's error shape, naming the field, while the server goes on.
+
+# %%
+import base64
+import io
+
+import openai
+from PIL import Image
+
+buffer = io.BytesIO()
+Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 60, 3), dtype=np.uint8)).save(buffer, "PNG")
+picture = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+seen = client.chat.completions.create(model="kimi-nano", max_tokens=16, seed=0, messages=[{"role": "user", "content": [
+    {"type": "image_url", "image_url": {"url": picture}}, {"type": "text", "text": "What is in the picture?"}]}])
+print("prompt tokens with the image:", seen.usage.prompt_tokens)
+try:
+    client.chat.completions.create(model="kimi-nano", messages=[
+        {"role": "user", "content": "hi"}, {"role": "tool", "tool_call_id": "functions.calculator:0", "content": "2"}])
+except openai.BadRequestError as error:
+    print(error.status_code, error.body)
+server.stop()
+
+# %% [markdown]
 # ## Try it
 #
 #     python -m kimi_ref.chat --prompt "What is 17*23?" --max-new-tokens 32 --seed 0
 #     python -m kimi_ref.chat --temperature 0 --tools demo          # REPL; /reset, /exit, Ctrl-C stops a turn
+#     python -m kimi_ref.serve --port 8000                          # then OpenAI(base_url="http://127.0.0.1:8000/v1")
 #
 # ## Exercises
 #

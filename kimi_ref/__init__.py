@@ -17,7 +17,7 @@ __version__ = "0.1.0"
 
 _SUBMODULES = {
     "config", "tokenizer", "chat_template", "tool_parsing", "norms", "rope", "mla", "router", "experts", "int4",
-    "moonvit", "model", "checkpoint", "parallel", "generate", "chat", "oracle", "kernels", "muonclip",
+    "moonvit", "model", "checkpoint", "parallel", "generate", "chat", "serve", "oracle", "kernels", "muonclip",
 }
 
 
