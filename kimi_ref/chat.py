@@ -716,7 +716,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
     parallel.validate_tp(checkpoint.config, args.tp)
-    setup, sampling, said = _chat_setup(args, ckpt, checkpoint.config)
+    setup, sampling, said = resolve_chat_setup(args, ckpt, checkpoint.config)
     variant = setup.variant
     # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).
     tools = load_tools(args.tools) if args.tools else checkpoint_tools(ckpt)
@@ -772,8 +772,11 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     return settings, args.tp
 
 
-def _chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int], list[str]]:
-    """The checkpoint's ChatSetup, the (temperature, top_p, max_new_tokens) to use, and the lines saying so."""
+def resolve_chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int], list[str]]:
+    """The checkpoint's ChatSetup, the (temperature, top_p, max_new_tokens) to use, and the lines saying so.
+
+    ``args`` carries the flags the chat and the server share (variant, template, temperature, top_p,
+    max_new_tokens; None = the checkpoint decides)."""
     from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
 
     try:

@@ -645,3 +645,19 @@ def test_any_body_is_a_request_or_a_named_refusal(builder, body):
         assert e.message and 400 <= e.status < 500
         return
     assert 1 <= prepared.max_new_tokens and prepared.prompt_tokens + prepared.max_new_tokens <= 64
+
+
+def test_the_checkpoint_decides_the_servers_variant_and_sampling(tmp_path, capsys):
+    """As for the chat (issue 22): a K2-Thinking-layout checkpoint is served with its own template variant,
+    and generation_config.json sets the defaults; flags still win."""
+    from kimi_ref.serve import cli
+    from weights_tools.make_tiny import make_tiny
+
+    ckpt = make_tiny(tmp_path / "flat", layout="flat")
+    (ckpt / "generation_config.json").write_text(json.dumps({"temperature": 0.6, "top_p": 0.9}))
+    settings = cli._settings(cli._parser().parse_args(["--ckpt", str(ckpt), "--port", "0", "--device", "cpu"]))
+    assert (settings.variant, settings.temperature, settings.top_p) == ("k2-thinking", 0.6, 0.9)
+    assert "variant k2-thinking" in capsys.readouterr().err
+    settings = cli._settings(cli._parser().parse_args(["--ckpt", str(ckpt), "--port", "0", "--device", "cpu",
+                                                       "--temperature", "0", "--variant", "k2.5"]))
+    assert (settings.variant, settings.temperature, settings.top_p) == ("k2.5", 0.0, 0.9)

@@ -28,12 +28,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype of the dense weights (default: the config's)")
     p.add_argument("--backend", default="torch", choices=["torch", "triton"], help="kernels (default torch)")
-    p.add_argument("--variant", default="k2.7-code", help="chat template variant (default k2.7-code)")
-    p.add_argument("--temperature", type=float, default=DEFAULT_TEMPERATURE,
-                   help="for requests without one; 0 = greedy (default 1.0)")
-    p.add_argument("--top-p", type=float, default=DEFAULT_TOP_P, help="for requests without one (default 0.95)")
-    p.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
-                   help=f"for requests without max_tokens (default {DEFAULT_MAX_NEW_TOKENS}, as the chat's)")
+    p.add_argument("--variant", default=None,
+                   help="chat template variant (default: the checkpoint's, as the chat CLI decides it)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"for requests without one; 0 = greedy (default: generation_config.json, else {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"for requests without one (default: generation_config.json, else {DEFAULT_TOP_P})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"for requests without max_tokens (default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--served-model-name", default=None,
@@ -51,10 +53,10 @@ def _parser() -> argparse.ArgumentParser:
 
 def _settings(args: argparse.Namespace):
     from kimi_ref import parallel
-    from kimi_ref.chat import ChatError, default_checkpoint
+    from kimi_ref.chat import ChatError, default_checkpoint, resolve_chat_setup
     from kimi_ref.chat_template import VARIANTS
     from kimi_ref.checkpoint import Checkpoint
-    from kimi_ref.generate import check_sampling
+    from kimi_ref.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_sampling
     from kimi_ref.launch import check_device
     from kimi_ref.serve.server import ServeSettings, listen
 
@@ -68,12 +70,14 @@ def _settings(args: argparse.Namespace):
         raise ChatError(f"--port must lie in [0, 65535], found {args.port}")
     if not args.max_body_mb > 0:
         raise ChatError(f"--max-body-mb must be positive, found {args.max_body_mb}")
-    if args.variant not in VARIANTS:
+    if args.variant is not None and args.variant not in VARIANTS:
         raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
-    try:
-        check_sampling(args.temperature, args.top_p)
-    except ValueError as e:
-        raise ChatError(f"--temperature / --top-p: {e}") from None
+    if args.temperature is not None or args.top_p is not None:
+        try:
+            check_sampling(DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+                           DEFAULT_TOP_P if args.top_p is None else args.top_p)
+        except ValueError as e:
+            raise ChatError(f"--temperature / --top-p: {e}") from None
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, args.tp)
     ckpt = default_checkpoint() if args.ckpt is None else Path(args.ckpt)
@@ -85,6 +89,12 @@ def _settings(args: argparse.Namespace):
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
     parallel.validate_tp(checkpoint.config, args.tp)
+    # The checkpoint decides the variant and the sampling defaults, exactly as for the chat; the server
+    # renders with kimi_ref's template, proven byte for byte against the checkpoint's own when it ships one.
+    args.template = "kimi_ref"
+    setup, (temperature, top_p, max_new_tokens), said = resolve_chat_setup(args, ckpt, checkpoint.config)
+    for line in said:
+        print(line, file=sys.stderr)
     media_dir = None
     if args.allowed_local_media_path is not None:
         media_dir = Path(args.allowed_local_media_path).expanduser().resolve()
@@ -95,8 +105,8 @@ def _settings(args: argparse.Namespace):
     except OSError as e:
         raise ChatError(f"--host {args.host} --port {args.port}: cannot listen there ({e.strerror})") from None
     name = args.served_model_name or ("kimi-nano" if args.ckpt is None else ckpt.resolve().name)
-    return ServeSettings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=args.variant,
-                         temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+    return ServeSettings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=setup.variant,
+                         temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                          host=args.host, port=args.port, model_name=name, max_model_len=args.max_model_len,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                          media_dir=None if media_dir is None else str(media_dir), api_key=args.api_key,
