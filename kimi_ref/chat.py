@@ -679,10 +679,39 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_shared_flags(args: argparse.Namespace) -> None:
+    """The flags the chat and the server share: a known --variant, a sampling pair generate accepts."""
+    from kimi_ref.chat_template import VARIANTS
+
+    if args.variant is not None and args.variant not in VARIANTS:
+        raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
+    try:
+        check_sampling(DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
+                       DEFAULT_TOP_P if args.top_p is None else args.top_p)
+    except ValueError as e:
+        raise ChatError(f"--temperature / --top-p: {e}") from None
+
+
+def open_checkpoint(ckpt: Path, tp: int):
+    """The checkpoint the chat (or the server) will run, checked before any rank starts: the directory, its
+    config and tokenizer files, every shard's header, and that ``tp`` divides the model."""
+    from kimi_ref.checkpoint import Checkpoint
+
+    if not ckpt.exists():
+        raise ChatError(f"--ckpt {ckpt}: no such directory")
+    if not (ckpt / "config.json").is_file():
+        raise ChatError(f"--ckpt {ckpt}: no config.json there (is it a checkpoint directory?)")
+    for name in ("tiktoken.model", "tokenizer_config.json"):
+        if not (ckpt / name).is_file():
+            raise ChatError(f"--ckpt {ckpt}: no {name} there (the tokenizer ships with the checkpoint)")
+    checkpoint = Checkpoint.open(ckpt)
+    checkpoint.raise_if_problems()
+    parallel.validate_tp(checkpoint.config, tp)
+    return checkpoint
+
+
 def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     """Check everything that can be checked before any rank starts; refusals raise."""
-    from kimi_ref.chat_template import VARIANTS
-    from kimi_ref.checkpoint import Checkpoint
     from kimi_ref.launch import check_device, torchrun_env
 
     if args.tp < 1:
@@ -691,13 +720,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         raise ChatError(f"--max-new-tokens must be at least 1, found {args.max_new_tokens}")
     if args.max_tool_rounds < 0:
         raise ChatError(f"--max-tool-rounds must be at least 0, found {args.max_tool_rounds}")
-    if args.variant is not None and args.variant not in VARIANTS:
-        raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
-    try:
-        check_sampling(DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
-                       DEFAULT_TOP_P if args.top_p is None else args.top_p)
-    except ValueError as e:
-        raise ChatError(f"--temperature / --top-p: {e}") from None
+    check_shared_flags(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, args.tp)
     if args.ckpt is None:
@@ -706,16 +729,7 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
             print(f"(no --ckpt: kimi-nano, the miniature Kimi shipped in the package, {ckpt})", file=sys.stderr)
     else:
         ckpt = Path(args.ckpt)
-        if not ckpt.exists():
-            raise ChatError(f"--ckpt {ckpt}: no such directory")
-        if not (ckpt / "config.json").is_file():
-            raise ChatError(f"--ckpt {ckpt}: no config.json there (is it a checkpoint directory?)")
-        for name in ("tiktoken.model", "tokenizer_config.json"):
-            if not (ckpt / name).is_file():
-                raise ChatError(f"--ckpt {ckpt}: no {name} there (the tokenizer ships with the checkpoint)")
-    checkpoint = Checkpoint.open(ckpt)
-    checkpoint.raise_if_problems()
-    parallel.validate_tp(checkpoint.config, args.tp)
+    checkpoint = open_checkpoint(ckpt, args.tp)
     setup, sampling, said = resolve_chat_setup(args, ckpt, checkpoint.config)
     variant = setup.variant
     # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).

@@ -52,11 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from kimi_ref import parallel
-    from kimi_ref.chat import ChatError, default_checkpoint, resolve_chat_setup
-    from kimi_ref.chat_template import VARIANTS
-    from kimi_ref.checkpoint import Checkpoint
-    from kimi_ref.generate import DEFAULT_TEMPERATURE, DEFAULT_TOP_P, check_sampling
+    from kimi_ref.chat import ChatError, check_shared_flags, default_checkpoint, open_checkpoint, resolve_chat_setup
     from kimi_ref.launch import check_device
     from kimi_ref.serve.server import ServeSettings, listen
 
@@ -70,25 +66,11 @@ def _settings(args: argparse.Namespace):
         raise ChatError(f"--port must lie in [0, 65535], found {args.port}")
     if not args.max_body_mb > 0:
         raise ChatError(f"--max-body-mb must be positive, found {args.max_body_mb}")
-    if args.variant is not None and args.variant not in VARIANTS:
-        raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
-    if args.temperature is not None or args.top_p is not None:
-        try:
-            check_sampling(DEFAULT_TEMPERATURE if args.temperature is None else args.temperature,
-                           DEFAULT_TOP_P if args.top_p is None else args.top_p)
-        except ValueError as e:
-            raise ChatError(f"--temperature / --top-p: {e}") from None
+    check_shared_flags(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, args.tp)
     ckpt = default_checkpoint() if args.ckpt is None else Path(args.ckpt)
-    if not (ckpt / "config.json").is_file():
-        raise ChatError(f"--ckpt {ckpt}: no config.json there (is it a checkpoint directory?)")
-    for name in ("tiktoken.model", "tokenizer_config.json"):
-        if not (ckpt / name).is_file():
-            raise ChatError(f"--ckpt {ckpt}: no {name} there (the tokenizer ships with the checkpoint)")
-    checkpoint = Checkpoint.open(ckpt)
-    checkpoint.raise_if_problems()
-    parallel.validate_tp(checkpoint.config, args.tp)
+    checkpoint = open_checkpoint(ckpt, args.tp)
     # The checkpoint decides the variant and the sampling defaults, exactly as for the chat; the server
     # renders with kimi_ref's template, proven byte for byte against the checkpoint's own when it ships one.
     args.template = "kimi_ref"
