@@ -383,7 +383,7 @@ def check_rope(run: Run, sz: Sizes, gen: torch.Generator) -> None:
 
 
 def part_speed(run: Run, sz: Sizes, timer: BK.Timer) -> None:
-    rep, c = run.rep, sz.config
+    rep = run.rep
     rep.add("## 2. Speed against the roofline (bytes that must move / time / copy bandwidth)")
     rep.add()
     use_kernel = _runtime.use_triton(torch.empty(0, device=DEVICE))
@@ -426,7 +426,7 @@ MLA_SPLITS = [None, 32, 64, 128]
 
 def sweep_launches(run: Run, sz: Sizes, timer: BK.Timer) -> None:
     """Each kernel under other launch configurations (CUDA-graph replay time): where does the default stand?"""
-    rep, c = run.rep, sz.config
+    rep = run.rep
     rep.add("### Launch configurations swept (kernel time, CUDA-graph replay; the first of each group is the default)")
     rep.add()
     header = ["kernel", "case", "launch", "ms", "% copy"]

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from kimi_ref import int4
-from kimi_ref.kernels._runtime import DOT_IEEE, dot_acc, dot_mode, interpreting, jit, next_pow2, tl, triton, use_triton
+from kimi_ref.kernels._runtime import DOT_IEEE, dot_acc, dot_mode, interpreting, jit, tl, triton, use_triton
 
 __all__ = ["w4a16_matmul", "w4a16_matmul_torch", "w4a16_matmul_triton", "dequant_tile", "check_w4a16", "uses_dot"]
 
