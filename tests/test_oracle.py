@@ -36,6 +36,7 @@ from tolerances import assert_close
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 from kimi_ref.oracle import checkpoint, experts, forward, mla, model, norms, rope, router
 from kimi_ref.oracle.checkpoint import CheckpointError
+from weights_tools import hf_peer
 
 REPO = Path(__file__).resolve().parents[1]
 K25 = load_config(fixture_path("kimi_k25"))
@@ -87,24 +88,9 @@ def configs(draw, layers: int = 2) -> KimiConfig:
 
 
 def hf_config(c: KimiConfig) -> transformers.DeepseekV3Config:
-    r = c.rope
-    return transformers.DeepseekV3Config(
-        vocab_size=c.vocab_size, hidden_size=c.hidden_size, intermediate_size=c.intermediate_size,
-        moe_intermediate_size=c.moe_intermediate_size, num_hidden_layers=c.num_hidden_layers,
-        num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_attention_heads,
-        n_shared_experts=c.n_shared_experts, n_routed_experts=c.n_routed_experts,
-        routed_scaling_factor=c.routed_scaling_factor, kv_lora_rank=c.kv_lora_rank, q_lora_rank=c.q_lora_rank,
-        qk_rope_head_dim=c.qk_rope_head_dim, v_head_dim=c.v_head_dim, qk_nope_head_dim=c.qk_nope_head_dim,
-        n_group=c.n_group, topk_group=c.topk_group, num_experts_per_tok=c.num_experts_per_tok,
-        first_k_dense_replace=c.first_k_dense_replace, norm_topk_prob=c.norm_topk_prob,
-        max_position_embeddings=c.max_position_embeddings, rms_norm_eps=c.rms_norm_eps,
-        rope_parameters={"rope_type": "yarn", "rope_theta": r.theta, "factor": r.factor, "beta_fast": r.beta_fast,
-                         "beta_slow": r.beta_slow, "mscale": r.mscale, "mscale_all_dim": r.mscale_all_dim,
-                         "original_max_position_embeddings": r.original_max_position_embeddings},
-        attention_bias=c.attention_bias, tie_word_embeddings=c.tie_word_embeddings, bos_token_id=c.bos_token_id,
-        eos_token_id=c.eos_token_id, pad_token_id=c.pad_token_id,
-        attn_implementation="sdpa", experts_implementation="eager",  # float64 all through (no grouped_mm)
-    )
+    """The peer's config (weights_tools.hf_peer), computed in float64 all through: sdpa attention and the
+    experts one by one (grouped_mm has no float64)."""
+    return hf_peer.hf_config(c, attn_implementation="sdpa", experts_implementation="eager")
 
 
 def hf_model(c: KimiConfig, seed: int) -> transformers.DeepseekV3ForCausalLM:

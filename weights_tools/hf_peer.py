@@ -40,8 +40,9 @@ def _transformers():
     return transformers
 
 
-def hf_config(cfg):
-    """``DeepseekV3Config`` with the numbers of our ``KimiConfig`` (text model only)."""
+def hf_config(cfg, **extra):
+    """``DeepseekV3Config`` with the numbers of our ``KimiConfig`` (text model only); ``extra`` goes to HF as is
+    (e.g. ``attn_implementation``)."""
     transformers = _transformers()
     rope = cfg.rope
     rope_parameters = {"rope_type": "default", "rope_theta": rope.theta}
@@ -64,7 +65,7 @@ def hf_config(cfg):
         max_position_embeddings=cfg.max_position_embeddings, rms_norm_eps=cfg.rms_norm_eps,
         rope_parameters=rope_parameters, rope_interleave=cfg.rope_interleave, attention_bias=cfg.attention_bias,
         tie_word_embeddings=cfg.tie_word_embeddings, num_mtp_layers=cfg.num_nextn_predict_layers,
-        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id, **extra,
     )
 
 
