@@ -590,3 +590,22 @@ def test_fused_moe_one_row_blocks(seed, n, offset):
     assert_close(got, expected, F32, what=f"fused_moe block_m=1 n={n} offset={offset}")
     with pytest.raises(ValueError, match="block_m must be 1"):
         K_MOE.fused_moe_triton(x, tw, ids, *stacked, expert_offset=offset, block_m=8)
+
+
+def test_launch_overrides_name_their_keys():
+    """A tuning sweep's ``config`` may override a wrapper's launch; a key the kernel lacks is refused by name."""
+    gen = torch.Generator().manual_seed(0)
+    packed, scale = _packed(gen, 8, 64)
+    x = torch.randn(1, 64, generator=gen)
+    assert_close(K_W4.w4a16_matmul_triton(x, packed, scale, config={"BLOCK_N": 16, "BLOCK_K": 64}),
+                 f64(x) @ _o_dense(packed, scale).T, F32, what="w4a16 with a launch override")
+    with pytest.raises(ValueError, match=r"w4a16_matmul: unknown launch key 'BLOCK_H'"):
+        K_W4.w4a16_matmul_triton(x, packed, scale, config={"BLOCK_H": 16})
+    w = _moe_weights(gen, 2, 32, 32)
+    ids = torch.zeros(1, 2, dtype=torch.int64)
+    ids[0, 1] = 1
+    with pytest.raises(ValueError, match=r"fused_moe \(down\): unknown launch key 'BLOCK_S'"):
+        K_MOE.fused_moe_triton(torch.ones(1, 32), torch.ones(1, 2), ids, *w, down_config={"BLOCK_S": 16})
+    q, lat = torch.randn(1, 16, 16, generator=gen), torch.randn(1, 20, 16, generator=gen)
+    with pytest.raises(ValueError, match=r"mla_decode: unknown launch key 'BLOCK_N'"):
+        K_MLA.mla_decode_triton(q, q, lat, lat, 20, 0.1, config={"BLOCK_N": 32})

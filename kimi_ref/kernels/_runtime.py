@@ -26,7 +26,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     HAVE_TRITON = False
 
 __all__ = ["HAVE_TRITON", "triton", "tl", "jit", "interpreting", "available", "use_triton", "next_pow2", "dot_mode",
-           "DOT_IEEE", "DOT_TF32", "DOT_BF16"]
+           "launch_config", "DOT_IEEE", "DOT_TF32", "DOT_BF16"]
 
 # How a kernel feeds tl.dot (a constexpr argument of every kernel that multiplies tiles):
 DOT_IEEE = 0  # fp32 × fp32, exact fp32 products: the interpreter and the tests
@@ -59,6 +59,19 @@ def use_triton(*tensors: torch.Tensor) -> bool:
 def next_pow2(n: int) -> int:
     """Smallest power of two ≥ n (Triton block sizes must be powers of two)."""
     return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def launch_config(config: dict | None, what: str, **chosen: int) -> dict[str, int]:
+    """The wrapper's ``chosen`` launch (block sizes by their kernel names, ``num_warps``) with a caller's
+    overrides from ``config`` (those keys or ``num_stages``): for tuning sweeps and tests of GPU tile shapes.
+    An unknown key is an error, never ignored."""
+    keys = (*chosen, "num_stages")
+    launch = dict(chosen)
+    for key, value in (config or {}).items():
+        if key not in keys:
+            raise ValueError(f"{what}: unknown launch key {key!r}; expected some of {', '.join(keys)}")
+        launch[key] = int(value)
+    return launch
 
 
 def dot_mode(dtype: torch.dtype) -> int:

@@ -31,8 +31,8 @@ from __future__ import annotations
 import torch
 
 from kimi_ref import int4
-from kimi_ref.kernels._runtime import dot_acc, dot_mode, interpreting, jit, tl, triton, use_triton
-from kimi_ref.kernels.w4a16 import _launch_config, dequant_tile
+from kimi_ref.kernels._runtime import dot_acc, dot_mode, interpreting, jit, launch_config, tl, triton, use_triton
+from kimi_ref.kernels.w4a16 import dequant_tile
 
 __all__ = ["fused_moe", "fused_moe_torch", "fused_moe_triton", "block_schedule", "block_rows"]
 
@@ -200,16 +200,16 @@ def fused_moe_triton(x, topk_weights, topk_ids, w_gate_packed, w_gate_scale, w_u
         raise ValueError(f"fused_moe: block_m must be 1 (fp32 FMAs) or ≥ 16 (tl.dot), found {block_m}")
     warps = 8 if block_m >= 32 else 4  # 64 rows on 4 warps would use all 255 registers of a thread
     if interpreting():
-        up = down = dict(block_n=32, block_k=32, num_warps=warps)
+        up = down = dict(BLOCK_N=32, BLOCK_K=32, num_warps=warps)
     elif block_m == 1:  # one row a block: GEMV tiles, deep along k (fp32 FMAs, [1, BLOCK_N, BLOCK_K] in registers;
         # on an H200 0.33 ms for one token's 8 experts against 0.38 for 16-row dot blocks: launch sweep)
-        up, down = dict(block_n=16, block_k=512, num_warps=4), dict(block_n=32, block_k=256, num_warps=4)
+        up, down = dict(BLOCK_N=16, BLOCK_K=512, num_warps=4), dict(BLOCK_N=32, BLOCK_K=256, num_warps=4)
     else:  # the H200 launch sweep (benchmarks/results/h200.md): decode wants narrower, deeper gate/up tiles
         few = n * k <= 64
-        up = dict(block_n=32 if few else 64, block_k=128 if few else 64, num_warps=warps)
-        down = dict(block_n=128 if block_m == 16 else 64, block_k=64, num_warps=warps)
-    up = _launch_config(up_config, **up)
-    down = _launch_config(down_config, **down)
+        up = dict(BLOCK_N=32 if few else 64, BLOCK_K=128 if few else 64, num_warps=warps)
+        down = dict(BLOCK_N=128 if block_m == 16 else 64, BLOCK_K=64, num_warps=warps)
+    up = launch_config(up_config, "fused_moe (gate/up)", **up)
+    down = launch_config(down_config, "fused_moe (down)", **down)
     order, blk_expert, blk_start, blk_end = block_schedule(topk_ids, expert_offset, e, block_m)
     weights = topk_weights.float().contiguous().view(-1)
     h = torch.empty(n * k, i, dtype=torch.float32, device=x.device)

@@ -26,7 +26,8 @@ from __future__ import annotations
 
 import torch
 
-from kimi_ref.kernels._runtime import dot_acc, dot_mode, interpreting, jit, next_pow2, tl, triton, use_triton
+from kimi_ref.kernels._runtime import (dot_acc, dot_mode, interpreting, jit, launch_config, next_pow2, tl, triton,
+                                       use_triton)
 
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton"]
 
@@ -136,12 +137,8 @@ def mla_decode_triton(q_latent, q_rope, latent, k_rope, length: int, scale: floa
     else:
         block_h, warps = (32 if h > 16 else 16), (4 if latent.element_size() == 2 else 8)
         block_s = 32 if latent.element_size() == 2 else 16  # an fp32 tile of 32 keys would spill
-    launch = {"num_warps": warps}
-    for key, value in (config or {}).items():
-        if key not in ("BLOCK_H", "BLOCK_S", "num_warps", "num_stages"):
-            raise ValueError(f"mla_decode: unknown launch key {key!r}; expected BLOCK_H, BLOCK_S, num_warps, num_stages")
-        launch[key] = int(value)
-    block_h, block_s = launch.pop("BLOCK_H", block_h), launch.pop("BLOCK_S", block_s)
+    launch = launch_config(config, "mla_decode", BLOCK_H=block_h, BLOCK_S=block_s, num_warps=warps)
+    block_h, block_s = launch.pop("BLOCK_H"), launch.pop("BLOCK_S")
     head_blocks = triton.cdiv(h, block_h)
     splits = _num_splits(b, head_blocks, length, block_s, q_latent.device) if num_splits is None else int(num_splits)
     if splits < 1:

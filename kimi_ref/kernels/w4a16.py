@@ -26,7 +26,8 @@ from __future__ import annotations
 import torch
 
 from kimi_ref import int4
-from kimi_ref.kernels._runtime import DOT_IEEE, dot_acc, dot_mode, interpreting, jit, tl, triton, use_triton
+from kimi_ref.kernels._runtime import (DOT_IEEE, dot_acc, dot_mode, interpreting, jit, launch_config, tl, triton,
+                                       use_triton)
 
 __all__ = ["w4a16_matmul", "w4a16_matmul_torch", "w4a16_matmul_triton", "dequant_tile", "check_w4a16", "uses_dot"]
 
@@ -138,7 +139,7 @@ def w4a16_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         return torch.zeros(0, n, dtype=torch.float32, device=x.device)
     x, packed, scale = x.contiguous(), packed.contiguous(), scale.contiguous()
     block_m, block_n, block_k, use_dot = _blocks(m, n, k, x.device)
-    launch = _launch_config(config, block_n=block_n, block_k=block_k, num_warps=8 if block_m >= 32 else 4)
+    launch = launch_config(config, "w4a16_matmul", BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m >= 32 else 4)
     block_n, block_k = launch.pop("BLOCK_N"), launch.pop("BLOCK_K")
     k_blocks = triton.cdiv(k, block_k)
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
@@ -157,17 +158,6 @@ def w4a16_matmul_triton(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tens
         **launch,  # num_warps 8 from 32 rows: a 64-row tile on 4 warps needs 223 registers a thread
     )
     return out[0] if split_k == 1 else out.sum(0)
-
-
-def _launch_config(config: dict | None, **defaults) -> dict:
-    """The wrapper's launch choice with a caller's overrides; unknown keys are an error, not ignored."""
-    keys = ("BLOCK_N", "BLOCK_K", "num_warps", "num_stages")
-    launch = {"BLOCK_N": defaults["block_n"], "BLOCK_K": defaults["block_k"], "num_warps": defaults["num_warps"]}
-    for key, value in (config or {}).items():
-        if key not in keys:
-            raise ValueError(f"launch config: unknown key {key!r}; expected some of {keys}")
-        launch[key] = int(value)
-    return launch
 
 
 def w4a16_matmul(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, *, split_k: int | None = None) -> torch.Tensor:
