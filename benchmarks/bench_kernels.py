@@ -94,15 +94,7 @@ class Timer:
         return self._timed(fn)
 
     def _replayed(self, fn) -> float:
-        fn()  # compiled and allocated before the capture
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            fn()
-        torch.cuda.current_stream().wait_stream(side)
-        cuda_graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(cuda_graph):
-            fn()
+        cuda_graph, _ = capture_graph(fn)
         try:
             return self._timed(cuda_graph.replay)
         finally:
@@ -124,6 +116,21 @@ class Timer:
                 fn()
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
+
+
+def capture_graph(fn):
+    """(a CUDA graph of one call of ``fn``, that call's output, which each replay rewrites). ``fn`` runs twice
+    first, on a side stream as torch asks: compiled and allocated before the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    cuda_graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(cuda_graph):
+        out = fn()
+    return cuda_graph, out
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -528,15 +528,7 @@ def layer_bytes(layer: DecoderLayer) -> tuple[int, int]:
 
 def graph_replay(fn, timer: BK.Timer) -> tuple[float, torch.Tensor]:
     """Capture ``fn`` (one decode step) as a CUDA graph; (median ms of a replay, the replay's output)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm up off the capture stream, as torch asks
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fn()
+    graph, out = BK.capture_graph(fn)
     ms = timer(graph.replay)
     graph.replay()
     sync()
@@ -609,7 +601,7 @@ def layer_case(run: Run, sz: Sizes, layer, rotary, picks, gen, timer, label, b, 
     verdict = run.verdict(f"layer {label}: triton vs torch", flat(out["triton"]), f64(flat(out["torch"])), BF16)
     hit = int(torch.unique(ids["triton"]).numel())
     roof = (rest + hit * per_expert + b * ctx * cache.bytes_per_token()) / (run.copy_gbps * 1e6)
-    graph = "—"
+    graph, g_ms = "—", float("nan")
     if t == 1 and DEVICE.type == "cuda":
         try:
             g_ms, g_out = graph_replay(step, timer)
@@ -630,7 +622,7 @@ def layer_case(run: Run, sz: Sizes, layer, rotary, picks, gen, timer, label, b, 
                             "yes" if ms["triton"] <= 2 * roof else "**no**"))
         run.targets.append(("one layer, decode B=1: triton ≥ 3× faster than torch", f"{ms['torch'] / ms['triton']:.1f}×",
                             "yes" if ms["torch"] >= 3 * ms["triton"] else "**no**"))
-        return {"eager_ms": ms["triton"], "graph_ms": float(graph.split()[0]) if graph[:1].isdigit() else float("nan"),
+        return {"eager_ms": ms["triton"], "graph_ms": g_ms,
                 "ctx": ctx, "hit": hit}
     return {}
 
