@@ -643,10 +643,11 @@ def _rank_main(tp: TP, device: str, s: Settings) -> int:
 
 # ---- the command line -------------------------------------------------------------------------------------
 
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m kimi_ref.chat", description="Chat with a Kimi K2.x checkpoint.")
+def add_shared_flags(p: argparse.ArgumentParser, *, tp_help: str, for_what: str = "") -> None:
+    """The flags the chat and the server share, meaning the same in both (checked by check_shared_flags;
+    None = the checkpoint decides). ``for_what`` says whose defaults the sampling flags are, if not the chat's."""
     p.add_argument("--ckpt", help="checkpoint directory (default: kimi-nano, shipped in the package)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; started here (or by torchrun)")
+    p.add_argument("--tp", type=int, default=1, help=tp_help)
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="compute dtype of the dense weights (default: the config's)")
@@ -654,6 +655,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--variant", default=None,
                    help="chat template variant (default: the checkpoint's, from its chat_template.jinja or the "
                         "variant its tokenizer_config.json records)")
+    prefix = f"{for_what}; " if for_what else ""
+    p.add_argument("--temperature", type=float, default=None,
+                   help=f"{prefix}0 = greedy (default: generation_config.json's, else {DEFAULT_TEMPERATURE})")
+    p.add_argument("--top-p", type=float, default=None,
+                   help=f"{prefix}nucleus mass (default: generation_config.json's, else {DEFAULT_TOP_P})")
+    p.add_argument("--max-new-tokens", type=int, default=None,
+                   help=f"{for_what or 'per generation'} (default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS})")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m kimi_ref.chat", description="Chat with a Kimi K2.x checkpoint.")
+    add_shared_flags(p, tp_help="tensor-parallel ranks; started here (or by torchrun)")
     p.add_argument("--template", default="kimi_ref", choices=["kimi_ref", "checkpoint"],
                    help="kimi_ref (default): kimi_ref's template, proven equal to the checkpoint's own at start; "
                         "checkpoint: render with the checkpoint's chat template through jinja2")
@@ -661,12 +674,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", help="a system message opening the conversation")
     p.add_argument("--image", action="append", default=[], metavar="PATH",
                    help="attach an image to the first user message (repeatable; K2.5+ checkpoints with a vision tower)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"0 = greedy (default: generation_config.json's, else {DEFAULT_TEMPERATURE})")
-    p.add_argument("--top-p", type=float, default=None,
-                   help=f"nucleus mass (default: generation_config.json's, else {DEFAULT_TOP_P})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"per generation (default: generation_config.json's, else {DEFAULT_MAX_NEW_TOKENS})")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (default: random)")
     p.add_argument("--tools", help="'demo' (calculator, current_time) or a JSON file of OpenAI tool definitions "
                    "(default: the checkpoint's tools.json, if it has one)")

@@ -18,24 +18,12 @@ __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
+    from kimi_ref.chat import add_shared_flags
 
     p = argparse.ArgumentParser(prog="python -m kimi_ref.serve",
                                 description="An OpenAI-compatible chat-completions server for a Kimi K2.x checkpoint.")
-    p.add_argument("--ckpt", help="checkpoint directory (default: kimi-nano, shipped in the package)")
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks; rank 0 serves, the others follow")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if a GPU is visible, else cpu)")
-    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="compute dtype of the dense weights (default: the config's)")
-    p.add_argument("--backend", default="torch", choices=["torch", "triton"], help="kernels (default torch)")
-    p.add_argument("--variant", default=None,
-                   help="chat template variant (default: the checkpoint's, as the chat CLI decides it)")
-    p.add_argument("--temperature", type=float, default=None,
-                   help=f"for requests without one; 0 = greedy (default: generation_config.json, else {DEFAULT_TEMPERATURE})")
-    p.add_argument("--top-p", type=float, default=None,
-                   help=f"for requests without one (default: generation_config.json, else {DEFAULT_TOP_P})")
-    p.add_argument("--max-new-tokens", type=int, default=None,
-                   help=f"for requests without max_tokens (default: generation_config.json, else {DEFAULT_MAX_NEW_TOKENS})")
+    add_shared_flags(p, tp_help="tensor-parallel ranks; rank 0 serves, the others follow",
+                     for_what="for requests that do not set it")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000; 0 = any free port)")
     p.add_argument("--served-model-name", default=None,
