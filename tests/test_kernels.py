@@ -388,22 +388,10 @@ def test_w4a16_at_gpu_tile_shapes(tile):
 
 
 def _launch_fused_moe(x, tw, ids, w, offset, block_m, block_n, block_k):
-    """The fused-MoE kernels launched as fused_moe_triton does, with the given tile (one-row blocks: FMAs)."""
-    gp, gs, up, us, dp, ds = w
-    n, d = x.shape
-    k, e, i = ids.shape[1], gp.shape[0], gp.shape[1]
-    order, blk_expert, blk_start, blk_end = K_MOE.block_schedule(ids, offset, e, block_m)
-    h = torch.empty(n * k, i, dtype=F32)
-    K_MOE._gate_up_kernel[(blk_expert.numel(), -(-i // block_n))](
-        x, order, blk_expert, blk_start, blk_end, gp, gs, up, us, h, d, i, k, x.stride(0), gp.stride(0), gp.stride(1),
-        gs.stride(0), gs.stride(1), h.stride(0), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k,
-        GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE, USE_DOT=block_m > 1)
-    y = torch.zeros(n * k, d, dtype=F32)
-    K_MOE._down_kernel[(blk_expert.numel(), -(-d // block_n))](
-        h, order, blk_expert, blk_start, blk_end, tw.float().contiguous().view(-1), dp, ds, y, d, i, h.stride(0),
-        dp.stride(0), dp.stride(1), ds.stride(0), ds.stride(1), y.stride(0), BLOCK_M=block_m, BLOCK_N=block_n,
-        BLOCK_K=block_k, GROUP=int4.GROUP_SIZE, DOT_MODE=DOT_IEEE, USE_DOT=block_m > 1)
-    return y.view(n, k, d).sum(1)
+    """fused_moe_triton with the given tile for both kernels (one-row blocks multiply in FMAs)."""
+    tile = {"BLOCK_N": block_n, "BLOCK_K": block_k}
+    return K_MOE.fused_moe_triton(x, tw, ids, *w, expert_offset=offset, block_m=block_m, up_config=tile,
+                                  down_config=tile)
 
 
 @pytest.mark.parametrize("tile", MOE_TILES, ids=[f"M{t[0]}N{t[1]}K{t[2]}" for t in MOE_TILES])
