@@ -61,6 +61,7 @@ from typing import Any, TextIO
 import torch
 
 from kimi_ref import parallel
+from kimi_ref.config import read_json
 from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError, Media,
                                check_context, check_sampling, expanded_length, generate, make_generator, media_rows,
                                receive_ids, send_ids, stop_ids_for)
@@ -109,14 +110,7 @@ def load_tools(spec: str | None) -> list[dict]:
     if spec == "demo":
         return [definition for _, definition in BUILTIN_TOOLS.values()]
     path = Path(spec)
-    try:
-        tools = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ChatError(f"--tools {spec}: cannot read the file ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ChatError(f"--tools {spec}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ChatError(f"--tools {spec}: not valid JSON ({e})") from None
+    tools = read_json(path, ChatError, f"--tools {spec}")
     if isinstance(tools, dict) and "tools" in tools:
         tools = tools["tools"]
     if not isinstance(tools, list) or not tools:

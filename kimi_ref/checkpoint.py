@@ -52,7 +52,7 @@ from typing import Any, Iterable, Iterator
 import torch
 
 from . import int4
-from .config import KimiConfig, load_config
+from .config import KimiConfig, load_config, read_json
 from .parallel import SINGLE, TP, shard_dim, validate_tp
 
 __all__ = [
@@ -434,14 +434,7 @@ class Checkpoint:
         if index_path.is_file() and single.is_file():
             raise CheckpointError(f"{path}: both {SINGLE_FILE} and {INDEX_FILE} exist; which one is the checkpoint?")
         if index_path.is_file():
-            try:
-                index = json.loads(index_path.read_bytes().decode("utf-8"))
-            except OSError as e:
-                raise CheckpointError(f"{index_path}: cannot read the file ({e.strerror or e})") from None
-            except UnicodeDecodeError as e:
-                raise CheckpointError(f"{index_path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-            except (json.JSONDecodeError, RecursionError) as e:
-                raise CheckpointError(f"{index_path}: not valid JSON ({e})") from None
+            index = read_json(index_path, CheckpointError)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{index_path}: needs a 'weight_map' object of tensor name → shard file name")
@@ -623,7 +616,7 @@ def _torch_device(device: Any) -> torch.device:
     """``device`` as a torch.device this machine has, or a CheckpointError saying what is available."""
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as e:
+    except (RuntimeError, TypeError):
         raise CheckpointError(f"device {device!r} is not a device torch knows; use 'cpu' or 'cuda'") from None
     if dev.type == "meta":
         raise CheckpointError("device 'meta' holds no values; load onto 'cpu' or 'cuda'")

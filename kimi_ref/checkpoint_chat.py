@@ -28,13 +28,13 @@ K2.6 / K2.7-Code templates and ``generation_config.json`` must come from the che
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kimi_ref.chat_template import VARIANTS, ChatTemplateError, render, render_ids
+from kimi_ref.config import read_json
 from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kimi_ref.tokenizer import KIMI_SPECIAL_TOKENS, load_ranks
 
@@ -441,14 +441,7 @@ def _refuse_forged_tokens(value: Any, specials: Mapping[str, int], where: str = 
 
 
 def _json_object(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ChatSetupError(f"{path}: cannot read it ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ChatSetupError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ChatSetupError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, ChatSetupError)
     if not isinstance(data, dict):
         raise ChatSetupError(f"{path}: expected a JSON object, found {type(data).__name__}")
     return data

@@ -427,7 +427,7 @@ def load_media_config(ckpt_dir: str | Path) -> MediaConfig:
     path = Path(ckpt_dir) / "preprocessor_config.json"
     if not path.is_file():
         raise ConfigError(f"{path}: not found; images need the checkpoint's preprocessor_config.json")
-    return MediaConfig.from_dict(_read_json(path), str(path))
+    return MediaConfig.from_dict(read_json(path), str(path))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -581,7 +581,7 @@ class KimiConfig:
             path = path / "config.json"
         if not path.is_file():
             raise ConfigError(f"{path}: config file not found")
-        return cls.from_dict(_read_json(path), source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "KimiConfig":
@@ -832,15 +832,19 @@ _TOP_KEYS = (
 )
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: str | Path, error: type[Exception] | None = None, where: str | None = None) -> Any:
+    """A JSON file's value; a missing or unreadable file, non-UTF-8 bytes or broken JSON raise ``error``
+    (default :class:`ConfigError`) as one line naming ``where`` (default: the path). Every JSON file kimi_ref
+    reads from a checkpoint (config, index, tokenizer and generation configs, tool lists) comes through here."""
+    error, where = error or ConfigError, where or str(path)
     try:
-        return json.loads(path.read_bytes().decode("utf-8"))
+        return json.loads(Path(path).read_bytes().decode("utf-8"))
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read the file ({e.strerror or e})") from None
+        raise error(f"{where}: cannot read the file ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
-        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); a config.json is UTF-8 JSON") from None
+        raise error(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except (json.JSONDecodeError, RecursionError) as e:
-        raise ConfigError(f"{path}: not valid JSON: {e}") from None
+        raise error(f"{where}: not valid JSON ({e})") from None
 
 
 def load_config(path: str | Path) -> KimiConfig:
