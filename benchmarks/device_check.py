@@ -299,9 +299,9 @@ def check_moe(run: Run, sz: Sizes, gen: torch.Generator) -> None:
     dense: dict[int, tuple[np.ndarray, ...]] = {}
 
     def oracle(x: torch.Tensor, tw: torch.Tensor, ids: torch.Tensor) -> np.ndarray:
-        out = np.zeros((x.shape[0], d))
-        for n, j in zip(*np.nonzero((ids.cpu().numpy() >= offset) & (ids.cpu().numpy() < offset + local))):
-            e = int(ids[n, j]) - offset
+        out, picked = np.zeros((x.shape[0], d)), ids.cpu().numpy()
+        for n, j in zip(*np.nonzero((picked >= offset) & (picked < offset + local))):
+            e = int(picked[n, j]) - offset
             if e not in dense:
                 dense[e] = tuple(o_dense(weights[w][0][e], weights[w][1][e]) for w in range(3))
             out[n] += float(tw[n, j]) * o_experts.swiglu(f64(x[n:n + 1]), *dense[e])[0]
