@@ -61,16 +61,25 @@ from typing import Any, TextIO
 import torch
 
 from kimi_ref import parallel
-from kimi_ref.config import read_json
-from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError, Media,
+from kimi_ref.chat_template import VARIANTS, ChatTemplateError, render_ids
+from kimi_ref.checkpoint import Checkpoint, CheckpointError, load_model
+from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
+from kimi_ref.config import ConfigError, read_json
+from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError,
                                check_context, check_sampling, expanded_length, generate, make_generator, media_rows,
                                receive_ids, send_ids, stop_ids_for)
+from kimi_ref.launch import LaunchError, check_device, launch, torchrun_env
+from kimi_ref.media import ImageTable, MediaError, image_part, image_source, message_images
 from kimi_ref.parallel import TP, TPError
+from kimi_ref.tokenizer import Tokenizer, TokenizerError
+from kimi_ref.tool_parsing import StreamParser
 from kimi_ref.tools import BUILTIN_TOOLS, calculator, current_time, run_tool
+from weights_tools.safe_write import OutputError, check_file, write_text
 
 __all__ = ["main", "default_checkpoint", "checkpoint_tools", "calculator", "current_time", "BUILTIN_TOOLS", "run_tool",
-           "load_tools", "save_conversation", "load_conversation", "ChatError", "image_part", "image_source", "message_images",
-           "ImageTable"]
+           "load_tools", "save_conversation", "load_conversation", "ChatError",
+           # from kimi_ref.media, where the chat's image input lives
+           "image_part", "image_source", "message_images", "ImageTable"]
 
 VARIANTS_WITH_PRESERVE = ("k2.6", "k2.7-code")
 
@@ -132,7 +141,6 @@ def save_conversation(path: str | Path, messages: list[dict], tools: list[dict] 
     Atomically (a temporary file renamed over ``path``); an existing file is replaced only with ``force``.
     Failures raise ``weights_tools.safe_write.OutputError`` naming the path.
     """
-    from weights_tools.safe_write import write_text
 
     data: dict[str, Any] = {"messages": messages}
     if tools:
@@ -157,85 +165,6 @@ def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
 
 
 # ---- images ---------------------------------------------------------------------------------------------
-
-def image_part(source: str) -> dict:
-    """The OpenAI content part for an image file (what --image adds and --save writes)."""
-    return {"type": "image_url", "image_url": {"url": source}}
-
-
-def image_source(part: dict) -> str:
-    """The url/path an image part names: ``image_url.url`` (or ``image_url`` as a string), or ``image``."""
-    value = part.get("image_url") if part.get("type") == "image_url" else part.get("image")
-    if isinstance(value, dict):
-        value = value.get("url")
-    if not isinstance(value, str) or not value:
-        raise ChatError(f"an image part must name its image as a string url or path, found {part!r}")
-    return value
-
-
-def message_images(messages: list[dict]) -> list[str]:
-    """The image sources of every message, in prompt order (the order of the ``<|media_pad|>`` tokens)."""
-    from kimi_ref.chat_template import IMAGE_PART_TYPES
-
-    return [image_source(part) for m in messages if isinstance(m.get("content"), list)
-            for part in m["content"] if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES]
-
-
-def _open_source(source: str) -> str | bytes:
-    """A path, a ``file://`` URL or a base64 ``data:`` URL -> what moonvit.load_image reads. No network."""
-    import base64
-    import binascii
-    from urllib.parse import unquote, urlparse
-
-    if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if not header.endswith(";base64"):
-            raise ChatError(f"image {source[:40]}...: only base64 data: URLs are supported")
-        try:
-            return base64.b64decode(payload, validate=True)
-        except binascii.Error as e:
-            raise ChatError(f"image {source[:40]}...: the base64 payload is broken ({e})") from None
-    if source.startswith("file://"):
-        return unquote(urlparse(source).path)
-    if "://" in source:
-        raise ChatError(f"image {source}: the chat does not download images; save it and pass its path")
-    return source
-
-
-class ImageTable:
-    """Every image a session can show, preprocessed once, identically on every rank.
-
-    ``sources`` are the images of the loaded history and the --image files, in that order, duplicates
-    once. ``media(indices)`` concatenates the chosen entries into the ``(pixel_values, grid_thws)``
-    that :func:`generate.generate` takes; ``indices(sources)`` is rank 0's side of that choice.
-    """
-
-    def __init__(self, sources: list[str], ckpt: str | Path) -> None:
-        from kimi_ref import moonvit
-        from kimi_ref.config import ConfigError, load_media_config
-
-        self.sources = list(dict.fromkeys(sources))
-        self.entries: list[tuple[torch.Tensor, tuple[int, int, int]]] = []
-        if not self.sources:
-            return
-        try:
-            media_config = load_media_config(ckpt)
-        except ConfigError as e:
-            raise ChatError(f"images: {e}") from None
-        for source in self.sources:
-            try:
-                self.entries.append(moonvit.preprocess(moonvit.load_image(_open_source(source), "image"), media_config))
-            except (FileNotFoundError, ValueError, TypeError) as e:
-                raise ChatError(str(e)) from None
-
-    def indices(self, sources: list[str]) -> list[int]:
-        return [self.sources.index(s) for s in sources]
-
-    def media(self, indices: list[int]) -> Media | None:
-        if not indices:
-            return None
-        return (torch.cat([self.entries[i][0] for i in indices]), [self.entries[i][1] for i in indices])
-
 
 def _check_vision(config: Any, ckpt: str | Path, what: str) -> None:
     if config.vision is None:
@@ -381,8 +310,6 @@ class Session:
         self.messages = [{"role": "system", "content": self.s.system}] if self.s.system else []
 
     def prompt_ids(self) -> list[int]:
-        from kimi_ref.chat_template import render_ids
-
         preserve = True if self.s.variant in VARIANTS_WITH_PRESERVE else None
         if self.s.setup is not None:
             return self.s.setup.render_ids(self.messages, self.tok, tools=self.s.tools or None, thinking=True,
@@ -457,9 +384,6 @@ class Session:
         self._save()
 
     def _assistant(self) -> tuple[dict, str]:
-        from kimi_ref.chat_template import ChatTemplateError
-        from kimi_ref.tool_parsing import StreamParser
-
         try:
             ids = self.prompt_ids()
         except ChatTemplateError as e:  # e.g. --template checkpoint and a typed special token: refuse the turn
@@ -544,7 +468,6 @@ class Session:
 
     def _save(self) -> None:
         """After every turn; a failure is shown and the session goes on (the conversation is still in memory)."""
-        from weights_tools.safe_write import OutputError
 
         if not self.s.save:
             return
@@ -612,8 +535,6 @@ def _session_images(s: Settings) -> list[str]:
 
 def _rank_main(tp: TP, device: str, s: Settings) -> int:
     """What every rank runs: load this rank's slices, then lead (rank 0) or follow."""
-    from kimi_ref.checkpoint import load_model
-    from kimi_ref.tokenizer import Tokenizer
 
     model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, backend=s.backend,
                        progress=tp.rank == 0 and sys.stderr.isatty())
@@ -682,7 +603,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def check_shared_flags(args: argparse.Namespace) -> None:
     """The flags the chat and the server share: a known --variant, a sampling pair generate accepts."""
-    from kimi_ref.chat_template import VARIANTS
 
     if args.variant is not None and args.variant not in VARIANTS:
         raise ChatError(f"--variant {args.variant!r}: expected one of {', '.join(VARIANTS)}")
@@ -696,7 +616,6 @@ def check_shared_flags(args: argparse.Namespace) -> None:
 def open_checkpoint(ckpt: Path, tp: int):
     """The checkpoint the chat (or the server) will run, checked before any rank starts: the directory, its
     config and tokenizer files, every shard's header, and that ``tp`` divides the model."""
-    from kimi_ref.checkpoint import Checkpoint
 
     if not ckpt.exists():
         raise ChatError(f"--ckpt {ckpt}: no such directory")
@@ -713,7 +632,6 @@ def open_checkpoint(ckpt: Path, tp: int):
 
 def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
     """Check everything that can be checked before any rank starts; refusals raise."""
-    from kimi_ref.launch import check_device, torchrun_env
 
     if args.tp < 1:
         raise ChatError(f"--tp must be at least 1, found {args.tp}")
@@ -740,8 +658,6 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         history, saved_tools = load_conversation(args.load)
         tools = tools or saved_tools
     if args.save:  # now, not after the first answer: a refused --save must not cost a conversation
-        from weights_tools.safe_write import OutputError, check_file
-
         same = bool(args.load) and Path(args.load).resolve() == Path(args.save).resolve()
         try:
             check_file(args.save, force=args.force, protect=[ckpt], what="--save", allow_existing=same)
@@ -754,9 +670,6 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         _check_vision(checkpoint.config, ckpt, f"--load {args.load} (its messages hold images)")
     table = ImageTable(message_images(history) + images, ckpt)  # refuses missing / unreadable files now
     if args.prompt is not None:
-        from kimi_ref.chat_template import ChatTemplateError
-        from kimi_ref.tokenizer import Tokenizer
-
         messages = history + ([{"role": "system", "content": args.system}] if args.system and not history else [])
         content: str | list[dict] = args.prompt
         if images:
@@ -792,7 +705,6 @@ def resolve_chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tup
 
     ``args`` carries the flags the chat and the server share (variant, template, temperature, top_p,
     max_new_tokens; None = the checkpoint decides)."""
-    from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
 
     try:
         setup = chat_setup(ckpt, args.variant, args.template, layout=config.layout)
@@ -828,15 +740,11 @@ def resolve_chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tup
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kimi_ref.checkpoint import CheckpointError
-    from kimi_ref.config import ConfigError
-    from kimi_ref.launch import LaunchError, launch
-    from kimi_ref.tokenizer import TokenizerError
-
     args = _parser().parse_args(argv)
     try:
         settings, world_size = _settings(args)
-    except (ChatError, ContextError, TPError, LaunchError, CheckpointError, ConfigError, TokenizerError, OSError) as e:
+    except (ChatError, MediaError, ContextError, TPError, LaunchError, CheckpointError, ConfigError, TokenizerError,
+            OSError) as e:
         print(f"kimi_ref.chat: error: {' '.join(str(e).splitlines())}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -30,7 +30,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Mapping, Sequence
 
-from kimi_ref.chat_template import ChatTemplateError, deep_sort, encode_tools_ts, render
+from kimi_ref.chat_template import ChatTemplateError, render
+from kimi_ref.tool_declarations import ToolDeclarationError, deep_sort, encode_tools_ts
 
 __all__ = ["TemplateMismatch", "Proof", "SUITE", "jinja_available", "compile_template", "render_with_template",
            "suite_cases", "prove", "describe_difference"]
@@ -106,7 +107,7 @@ def render_with_template(template: Any, messages: Sequence[Mapping[str, Any]],
         context["tools"] = deep_sort(list(tools))
         try:  # Kimi's tokenizer: an encoder error leaves tools_ts_str unset, and the template falls back to JSON
             context["tools_ts_str"] = encode_tools_ts(context["tools"])
-        except ChatTemplateError:
+        except ToolDeclarationError:
             context["tools_ts_str"] = None
     try:
         return template.render(**context)

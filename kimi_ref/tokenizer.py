@@ -1,4 +1,4 @@
-"""Kimi's tokenizer: byte-level BPE in the tiktoken format, with Kimi's pre-tokenization regex.
+"""Kimi's tokenizer: the tiktoken.model rank file, Kimi's pre-tokenization regex, special tokens, long inputs.
 
 Place in the model: text -> ids [T] -> ``embed_tokens.weight[ids]`` -> [T, d]; the lm_head scores the
 same n_vocab ids. For the real checkpoint n_vocab = 163840 = 163584 BPE ranks + 256 special slots.
@@ -10,7 +10,7 @@ The pipeline (what :meth:`Tokenizer.encode` does, in order)::
          ──(3) regex pieces:  KIMI_PAT_STR.findall(segment)              "Hello world" -> "Hello", " world"
          ──(4) bytes:         piece.encode("utf-8")                      " world" -> 20 77 6f 72 6c 64
          ──(5) BPE merges:    while some adjacent pair (x, y) has rank(x + y): merge the lowest-ranked,
-                                                                          leftmost on ties
+                                                                          leftmost on ties (kimi_ref.bpe)
          ──> ids = ranks of the final parts
 
 A *rank* is both a token's id and its merge priority: ``rank(x + y)`` small means "merged early in
@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import heapq
 import json
 import operator
 import unicodedata
@@ -52,6 +51,8 @@ from typing import Collection, Iterable, Iterator, Mapping
 
 import numpy as np
 import regex
+
+from kimi_ref.bpe import BPEError, bpe_merge, train_merges
 
 __all__ = [
     "KIMI_PAT_STR",
@@ -220,85 +221,7 @@ def _fix_surrogates(text: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------
-# 3. Byte-pair merging of one piece: tiktoken's algorithm. Ranks are looked up on the *bytes* of
-#    the concatenation, exactly like tiktoken, not on a list of recorded merges.
-# ----------------------------------------------------------------------------------------------
-
-_LONG_PIECE = 100  # tiktoken switches to its heap algorithm at 100 bytes; so do we (same result)
-
-
-def bpe_merge(piece: bytes, ranks: Mapping[bytes, int]) -> list[int]:
-    """Token ids of one regex piece: repeatedly merge the adjacent pair whose concatenation has the
-    lowest rank (leftmost on ties) until no adjacent pair is a token.
-
-    A piece that is itself a token is one id (tiktoken checks that first, and it is not always what
-    the merges would give, so it is not an optimization but part of the definition).
-    """
-    token = ranks.get(piece)
-    if token is not None:
-        return [token]
-    if len(piece) >= _LONG_PIECE:
-        return _bpe_merge_heap(piece, ranks)
-    parts = [piece[i:i + 1] for i in range(len(piece))]
-    while len(parts) > 1:
-        best_rank, best_i = None, -1
-        for i in range(len(parts) - 1):
-            rank = ranks.get(parts[i] + parts[i + 1])
-            if rank is not None and (best_rank is None or rank < best_rank):
-                best_rank, best_i = rank, i
-        if best_rank is None:
-            break
-        parts[best_i:best_i + 2] = [parts[best_i] + parts[best_i + 1]]
-    return [_rank_of(part, ranks) for part in parts]
-
-
-def _bpe_merge_heap(piece: bytes, ranks: Mapping[bytes, int]) -> list[int]:
-    """The same merges in O(n log n) for long pieces (a 25,000-letter word would take hours with the
-    O(n^2) loop): a heap of candidate pairs keyed (rank, start) and a linked list of parts."""
-    n = len(piece)
-    end = list(range(1, n + 1))          # end[i]: where the part starting at i ends (parts start at i)
-    prev = list(range(-1, n - 1))        # prev[i]: start of the part before i (-1: none)
-    alive = [True] * n
-    heap: list[tuple[int, int, int]] = []  # (rank, left start, right end); stale entries are skipped
-
-    def push(left: int) -> None:
-        right = end[left]
-        if right < n:
-            rank = ranks.get(piece[left:end[right]])
-            if rank is not None:
-                heapq.heappush(heap, (rank, left, end[right]))
-
-    for i in range(n - 1):
-        push(i)
-    while heap:
-        rank, left, right_end = heapq.heappop(heap)
-        right = end[left] if alive[left] else n
-        if right >= n or end[right] != right_end:
-            continue  # one of the two parts has merged with something else since this was pushed
-        alive[right] = False
-        end[left] = right_end
-        if right_end < n:
-            prev[right_end] = left
-        push(left)
-        if prev[left] >= 0:
-            push(prev[left])
-    out, i = [], 0
-    while i < n:
-        out.append(_rank_of(piece[i:end[i]], ranks))
-        i = end[i]
-    return out
-
-
-def _rank_of(part: bytes, ranks: Mapping[bytes, int]) -> int:
-    rank = ranks.get(part)
-    if rank is None:  # only a single byte can be missing: merged parts are tokens by construction
-        raise TokenizerError(f"byte {part!r} has no rank in this vocabulary, so text containing it cannot "
-                             "be encoded (a byte-level BPE needs every byte that UTF-8 text can produce)")
-    return rank
-
-
-# ----------------------------------------------------------------------------------------------
-# 4. The pure-Python encoder (steps 2-5 for one chunk) and the module-level encode/decode.
+# 3. The pure-Python encoder (steps 2-5 for one chunk) and the module-level encode/decode.
 # ----------------------------------------------------------------------------------------------
 
 class _PythonEncoder:
@@ -356,7 +279,10 @@ def encode(text: str, ranks: Mapping[bytes, int], *, pat_str: str = KIMI_PAT_STR
     specials = dict(special_tokens or {})
     encoder = _PythonEncoder(ranks, pat_str, specials)
     allowed = _allowed_set(allow_special, specials)
-    return [i for chunk in split_for_encoding(text) for i in encoder.encode(chunk, allowed)]
+    try:
+        return [i for chunk in split_for_encoding(text) for i in encoder.encode(chunk, allowed)]
+    except BPEError as e:  # ranks without every byte (a Tokenizer refuses those when it is made)
+        raise TokenizerError(str(e)) from None
 
 
 def decode(ids: Iterable[int], ranks: Mapping[bytes, int],
@@ -410,22 +336,15 @@ def _allowed_set(allow_special: bool | Collection[str], special_tokens: Mapping[
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. Training: the incremental BPE trainer.
+# 4. Training: cut the text into counted pieces; kimi_ref.bpe learns the merges.
 # ----------------------------------------------------------------------------------------------
 
 def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR, *, split_digits: bool = False) -> dict[bytes, int]:
-    """Learn ``vocab_size`` ranks from ``text``: the 256 single bytes (ranks 0..255, in byte order),
-    then one token per merge, each merge joining the most frequent adjacent pair of tokens.
+    """Learn ``vocab_size`` ranks from ``text`` (the 256 bytes, then one token per merge).
 
     Pairs never cross regex pieces, so the text is first cut exactly as :func:`encode` cuts it and
-    counted as *unique* pieces with their counts. After each merge only the pieces that contained the
-    merged pair are updated (their pair counts are subtracted, the new ones added), and a heap with
-    lazy deletion finds the next best pair, so a merge costs time in proportion to where it occurs.
-
-    Deterministic tie-break: among pairs with the same count, the one whose left token has the
-    smallest rank wins, then the one whose right token has the smallest rank.
-    If a merge gives bytes that are already a token (``a + bc == ab + c``), the pieces use that token
-    and no rank is added. Special-token strings in ``text`` are plain text here.
+    counted as *unique* pieces with their counts; :func:`kimi_ref.bpe.train_merges` learns the merges
+    from those counts. Special-token strings in ``text`` are plain text here.
 
     ``split_digits=True`` learns no merge inside a number: pieces made only of numeric characters
     (Unicode category N, what ``\\p{N}`` matches) are not counted, so every digit stays its own token
@@ -441,64 +360,10 @@ def train_bpe(text: str, vocab_size: int, pat_str: str = KIMI_PAT_STR, *, split_
     for chunk in split_for_encoding(_fix_surrogates(text)):
         piece_counts.update(piece.encode("utf-8") for piece in pattern.findall(chunk)
                             if not (split_digits and _is_number(piece)))
-
-    ranks = {bytes([b]): b for b in range(256)}
-    token_bytes = [bytes([b]) for b in range(256)]
-    words = [list(piece) for piece in piece_counts if len(piece) > 1]  # a 1-byte piece has no pair
-    counts = [piece_counts[piece] for piece in piece_counts if len(piece) > 1]
-
-    pair_counts: dict[tuple[int, int], int] = Counter()
-    where: dict[tuple[int, int], set[int]] = {}
-    for w, (word, count) in enumerate(zip(words, counts)):
-        for pair in zip(word, word[1:]):
-            pair_counts[pair] += count
-            where.setdefault(pair, set()).add(w)
-    heap = [(-count, a, b) for (a, b), count in pair_counts.items()]
-    heapq.heapify(heap)
-
-    while len(ranks) < vocab_size:
-        # The best pair: entries whose count is out of date are dropped as they surface.
-        while heap and pair_counts.get((heap[0][1], heap[0][2])) != -heap[0][0]:
-            heapq.heappop(heap)
-        if not heap:
-            raise TokenizerError(f"the text supports only {len(ranks) - 256} merges (vocab_size {len(ranks)}), "
-                                 f"not {vocab_size - 256}: give more text or ask for a smaller vocab_size")
-        _, a, b = heapq.heappop(heap)
-        merged = token_bytes[a] + token_bytes[b]
-        new_id = ranks.get(merged)
-        if new_id is None:
-            new_id = ranks[merged] = len(token_bytes)
-            token_bytes.append(merged)
-
-        changed: set[tuple[int, int]] = set()
-        for w in where.pop((a, b)):
-            word, count = words[w], counts[w]
-            new_word, i = [], 0
-            while i < len(word):  # left to right, so "aaa" with pair (a, a) becomes [aa, a]
-                if i + 1 < len(word) and word[i] == a and word[i + 1] == b:
-                    new_word.append(new_id)
-                    i += 2
-                else:
-                    new_word.append(word[i])
-                    i += 1
-            if len(new_word) == len(word):
-                continue  # a stale entry: this word lost the pair to an earlier merge
-            for pair in zip(word, word[1:]):
-                pair_counts[pair] -= count
-                changed.add(pair)
-            for pair in zip(new_word, new_word[1:]):
-                pair_counts[pair] += count
-                changed.add(pair)
-                where.setdefault(pair, set()).add(w)
-            words[w] = new_word
-        for pair in changed:
-            count = pair_counts[pair]
-            if count > 0:
-                heapq.heappush(heap, (-count, pair[0], pair[1]))
-            else:
-                del pair_counts[pair]
-                where.pop(pair, None)
-    return ranks
+    try:
+        return train_merges(piece_counts, vocab_size)
+    except BPEError as e:
+        raise TokenizerError(str(e)) from None
 
 
 def _is_number(piece: str) -> bool:
@@ -506,7 +371,7 @@ def _is_number(piece: str) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The tiktoken.model rank file: one "base64(token bytes) rank" per line.
+# 5. The tiktoken.model rank file: one "base64(token bytes) rank" per line.
 # ----------------------------------------------------------------------------------------------
 
 def load_ranks(path: str | Path) -> dict[bytes, int]:
@@ -574,27 +439,34 @@ def _checked_ranks(ranks: Mapping[bytes, int], what: str) -> dict[bytes, int]:
 
 
 # ----------------------------------------------------------------------------------------------
-# 7. Special tokens: 256 slots after the ranks (sources §8). Offsets are from len(ranks).
+# 6. Special tokens: 256 slots after the ranks (sources §8). Offsets are from len(ranks).
 # ----------------------------------------------------------------------------------------------
 
 NUM_RESERVED_SPECIAL_TOKENS = 256
 
+# The strings, named once: the chat template, the tool-call parser and MoonViT's splice import these.
+BOS, EOS, EOT, UNK, PAD = "[BOS]", "[EOS]", "[EOT]", "[UNK]", "[PAD]"
+IM_SYSTEM, IM_USER, IM_ASSISTANT = "<|im_system|>", "<|im_user|>", "<|im_assistant|>"
+IM_MIDDLE = "<|im_middle|>"            # between a turn's role name and its content
+IM_END = "<|im_end|>"                  # end of every turn; the stop token
+THINK, END_THINK = "<think>", "</think>"
+SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
+CALL_BEGIN, CALL_ARGUMENT_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
+MEDIA_BEGIN, MEDIA_CONTENT, MEDIA_END = "<|media_begin|>", "<|media_content|>", "<|media_end|>"
+MEDIA_PAD = "<|media_pad|>"            # replaced by vision embeddings (media_placeholder_token_id)
+
 #: offset from ``len(ranks)`` -> (name, HF ``special`` flag). The flag only says whether HF's
 #: ``decode(skip_special_tokens=True)`` drops it: tool-call and think markers are kept.
 KIMI_SPECIAL_TOKENS: dict[int, tuple[str, bool]] = {
-    0: ("[BOS]", True), 1: ("[EOS]", True),
-    2: ("<|im_end|>", True),            # end of every turn; the stop token
-    3: ("<|im_user|>", True), 4: ("<|im_assistant|>", True),
+    0: (BOS, True), 1: (EOS, True), 2: (IM_END, True), 3: (IM_USER, True), 4: (IM_ASSISTANT, True),
     6: ("<|start_header_id|>", True), 7: ("<|end_header_id|>", True),
-    9: ("[EOT]", True), 10: ("<|im_system|>", True),
-    11: ("<|tool_calls_section_begin|>", False), 12: ("<|tool_calls_section_end|>", False),
-    13: ("<|tool_call_begin|>", False), 14: ("<|tool_call_argument_begin|>", False),
-    15: ("<|tool_call_end|>", False),
-    17: ("<|im_middle|>", True),         # between a turn's role name and its content
-    18: ("<|media_begin|>", True), 19: ("<|media_content|>", True), 20: ("<|media_end|>", True),
-    21: ("<|media_pad|>", True),          # replaced by vision embeddings (media_placeholder_token_id)
-    22: ("<think>", False), 23: ("</think>", False),
-    254: ("[UNK]", True), 255: ("[PAD]", True),
+    9: (EOT, True), 10: (IM_SYSTEM, True),
+    11: (SECTION_BEGIN, False), 12: (SECTION_END, False),
+    13: (CALL_BEGIN, False), 14: (CALL_ARGUMENT_BEGIN, False), 15: (CALL_END, False),
+    17: (IM_MIDDLE, True),
+    18: (MEDIA_BEGIN, True), 19: (MEDIA_CONTENT, True), 20: (MEDIA_END, True), 21: (MEDIA_PAD, True),
+    22: (THINK, False), 23: (END_THINK, False),
+    254: (UNK, True), 255: (PAD, True),
 }
 
 
@@ -618,7 +490,7 @@ def special_tokens_layout(n_ranks: int, names: Mapping[int, str] | None = None) 
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. The Tokenizer: ranks + pattern + specials, with a backend.
+# 7. The Tokenizer: ranks + pattern + specials, with a backend.
 # ----------------------------------------------------------------------------------------------
 
 _DEFAULT: str = "<default>"  # a sentinel (never a token name: compared by identity)

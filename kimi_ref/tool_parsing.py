@@ -52,6 +52,9 @@ import json
 import re
 from typing import Any, Iterable, Sequence
 
+from kimi_ref.tokenizer import (CALL_ARGUMENT_BEGIN, CALL_BEGIN, CALL_END, END_THINK, EOS, IM_END, SECTION_BEGIN,
+                                SECTION_END, THINK)
+
 __all__ = ["parse", "StreamParser", "ToolParseError", "function_name", "MARKERS"]
 
 
@@ -59,22 +62,17 @@ class ToolParseError(ValueError):
     """Input that is neither text nor token ids, or ids without the tokenizer that gives them meaning."""
 
 
-THINK, END_THINK = "<think>", "</think>"
-SECTION_BEGIN, SECTION_END = "<|tool_calls_section_begin|>", "<|tool_calls_section_end|>"
-CALL_BEGIN, ARGUMENT_BEGIN, CALL_END = "<|tool_call_begin|>", "<|tool_call_argument_begin|>", "<|tool_call_end|>"
-IM_END, EOS = "<|im_end|>", "[EOS]"
-
 # Marker strings in text, and the grammar symbol each stands for. No marker is a prefix of another and
 # each contains "<" only at its start, so occurrences never overlap and the earliest match is unique.
 MARKERS = {
     THINK: THINK, END_THINK: END_THINK,
     SECTION_BEGIN: SECTION_BEGIN, SECTION_END: SECTION_END,
     "<|tool_call_section_begin|>": SECTION_BEGIN, "<|tool_call_section_end|>": SECTION_END,  # TINKER's spelling
-    CALL_BEGIN: CALL_BEGIN, ARGUMENT_BEGIN: ARGUMENT_BEGIN, CALL_END: CALL_END,
+    CALL_BEGIN: CALL_BEGIN, CALL_ARGUMENT_BEGIN: CALL_ARGUMENT_BEGIN, CALL_END: CALL_END,
     IM_END: IM_END,
 }
 # On ids: the special tokens that are grammar markers (others, e.g. <|media_pad|>, are text: their name).
-_ID_MARKERS = {THINK, END_THINK, SECTION_BEGIN, SECTION_END, CALL_BEGIN, ARGUMENT_BEGIN, CALL_END, IM_END, EOS}
+_ID_MARKERS = {THINK, END_THINK, SECTION_BEGIN, SECTION_END, CALL_BEGIN, CALL_ARGUMENT_BEGIN, CALL_END, IM_END, EOS}
 _MARKER_RE = re.compile("|".join(re.escape(m) for m in MARKERS))
 _LONGEST_MARKER = max(map(len, MARKERS))
 _INDEX_RE = re.compile(r"^(.*):([0-9]+)$", re.DOTALL)
@@ -330,14 +328,14 @@ class StreamParser:
             else:
                 self._problems.append(f"{symbol} inside the tool-call section, outside a call: ignored")
         elif state == _CALL_ID:
-            if symbol == ARGUMENT_BEGIN:
+            if symbol == CALL_ARGUMENT_BEGIN:
                 self._open_call()
                 self._state = _CALL_ARGS
             elif symbol in (CALL_BEGIN, CALL_END, SECTION_END):
                 self._open_call()
                 self._problems.append(f"tool call {len(self._calls) - 1} ({self._calls[-1]['id']!r}) has no "
-                                      f"{ARGUMENT_BEGIN}; its arguments are empty")
-                self._broken.setdefault(len(self._calls) - 1, f"it has no {ARGUMENT_BEGIN}")
+                                      f"{CALL_ARGUMENT_BEGIN}; its arguments are empty")
+                self._broken.setdefault(len(self._calls) - 1, f"it has no {CALL_ARGUMENT_BEGIN}")
                 self._end_call()
                 self._after_call(symbol)
             else:

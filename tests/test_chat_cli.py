@@ -335,7 +335,7 @@ def test_image_rides_with_the_first_repl_line_and_every_later_prefill(vision_ckp
 def test_image_sources_path_file_url_and_data_url_agree(vision_ckpt, tmp_path):
     import base64
 
-    from kimi_ref.chat import ImageTable, message_images
+    from kimi_ref.media import ImageTable, MediaError, message_images
 
     image = write_png(tmp_path / "pic.png")
     data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
@@ -352,9 +352,9 @@ def test_image_sources_path_file_url_and_data_url_agree(vision_ckpt, tmp_path):
     messages = [{"role": "user", "content": [{"type": "image", "image": "a.png"}, {"type": "text", "text": "x"}]},
                 {"role": "assistant", "content": "y"}, {"role": "user", "content": [image_part("b.png")]}]
     assert message_images(messages) == ["a.png", "b.png"]
-    with pytest.raises(ChatError, match="only base64 data: URLs"):
+    with pytest.raises(MediaError, match="only base64 data: URLs"):
         ImageTable(["data:image/png,abc"], vision_ckpt)
-    with pytest.raises(ChatError, match="must name its image as a string"):
+    with pytest.raises(MediaError, match="must name its image as a string"):
         message_images([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
 
 

@@ -475,21 +475,6 @@ def test_train_bpe_basics():
     assert b"<|" in train_bpe("<|im_end|>" * 50, 262)
 
 
-@given(pieces=st.lists(st.sampled_from(FRAGMENTS), max_size=12).map("".join))
-def test_bpe_merge_equals_exercise_1(demo_py, pieces):
-    for piece in T.pretokenize(pieces):
-        data = piece.encode()
-        expected = [demo_py.ranks[p] for p in SOL.bpe_pieces(data, demo_py.ranks)]
-        assert T.bpe_merge(data, demo_py.ranks) == expected
-        assert T._bpe_merge_heap(data, demo_py.ranks) == expected
-
-
-def test_long_piece_heap_path(demo_py):
-    """Pieces of >= 100 bytes take the O(n log n) heap; it gives the merges the simple loop gives."""
-    word = ("abracadabra" * 40).encode()
-    assert T._bpe_merge_heap(word, demo_py.ranks) == [demo_py.ranks[p] for p in SOL.bpe_pieces(word, demo_py.ranks)]
-
-
 def test_module_level_encode_decode(demo_py):
     text = "x <|im_end|> 汉字"
     ids = T.encode(text, demo_py.ranks, special_tokens=demo_py.special_tokens, allow_special=True)
