@@ -80,7 +80,8 @@ from kimi_ref import int4  # noqa: E402
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config  # noqa: E402
 from kimi_ref.generate import generate  # noqa: E402
 from kimi_ref.kernels import _runtime  # noqa: E402
-from kimi_ref.model import DecoderLayer, _set_backend  # noqa: E402
+from kimi_ref.backend import use_backend  # noqa: E402
+from kimi_ref.model import DecoderLayer  # noqa: E402
 from kimi_ref.oracle import experts as o_experts  # noqa: E402
 from kimi_ref.oracle import int4 as o_int4  # noqa: E402
 from kimi_ref.oracle import mla as o_mla  # noqa: E402
@@ -591,7 +592,7 @@ def layer_case(run: Run, sz: Sizes, layer, rotary, picks, gen, timer, label, b, 
 
     out, ids, ms = {}, {}, {}
     for backend in ("torch", "triton"):
-        _set_backend(layer, backend)
+        use_backend(layer, backend)
         picks.clear()
         out[backend] = step()
         ids[backend] = picks[-1].sort(dim=-1).values

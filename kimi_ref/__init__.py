@@ -16,8 +16,10 @@ from typing import Any
 __version__ = "0.1.0"
 
 _SUBMODULES = {
-    "config", "tokenizer", "chat_template", "tool_parsing", "norms", "rope", "mla", "router", "experts", "int4",
-    "moonvit", "model", "checkpoint", "parallel", "generate", "chat", "serve", "oracle", "kernels", "muonclip",
+    "config", "bpe", "tokenizer", "chat_template", "tool_declarations", "tool_parsing", "norms", "rope", "mla",
+    "router", "experts", "int4", "backend", "media", "moonvit", "tools", "model", "checkpoint", "parallel",
+    "generate", "chat", "serve", "oracle", "kernels", "muonclip", "launch", "checkpoint_chat", "template_proof",
+    "tolerances",
 }
 
 
@@ -26,9 +28,7 @@ def load_model(path: Any, device: Any = "cpu", dtype: Any = None, **kwargs: Any)
 
     See :func:`kimi_ref.checkpoint.load_model` for the options (tensor parallelism, backend, MLA form).
     """
-    from .checkpoint import load_model as _load_model
-
-    return _load_model(path, device=device, dtype=dtype, **kwargs)
+    return importlib.import_module(".checkpoint", __name__).load_model(path, device=device, dtype=dtype, **kwargs)
 
 
 def __getattr__(name: str) -> Any:

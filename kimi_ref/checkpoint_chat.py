@@ -34,9 +34,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from kimi_ref.chat_template import VARIANTS, ChatTemplateError, render, render_ids
-from kimi_ref.config import read_json
+from kimi_ref.config import load_config, read_json
 from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kimi_ref.tokenizer import KIMI_SPECIAL_TOKENS, load_ranks
+from kimi_ref.template_proof import TemplateMismatch, compile_template, jinja_available, prove, render_with_template
 
 __all__ = ["ChatSetupError", "VariantUnknown", "ChatSetup", "Sampling", "VARIANT_FIELD", "TEMPLATE_MODES", "K27_CODE_SAMPLING",
            "chat_setup", "fingerprint", "read_template", "check_special_tokens", "read_generation_config",
@@ -281,8 +282,6 @@ class ChatSetup:
                add_generation_prompt: bool = True) -> str:
         """The prompt text, by kimi_ref's template or (``template="checkpoint"``) the checkpoint's own."""
         if self.template == "checkpoint":
-            from kimi_ref.template_proof import render_with_template
-
             return render_with_template(_compiled(self.template_source, self.template_where), messages, tools,
                                         thinking=thinking, preserve_thinking=preserve_thinking,
                                         add_generation_prompt=add_generation_prompt, where=str(self.template_where))
@@ -349,7 +348,6 @@ def chat_setup(ckpt: str | Path, variant: str | None = None, template: str = "ki
         if source is None:
             raise ChatSetupError(f"--template checkpoint: {ckpt} ships no chat template ({TEMPLATE_FILE} or "
                                  f"{TOKENIZER_CONFIG}'s chat_template)")
-        from kimi_ref.template_proof import jinja_available
 
         if not jinja_available():
             raise ChatSetupError("--template checkpoint renders through jinja2, an optional extra: "
@@ -386,8 +384,6 @@ def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | Non
     if not check_layout:
         return variant, why
     if layout is None and (ckpt / "config.json").is_file():
-        from kimi_ref.config import load_config
-
         layout = load_config(ckpt).layout
     if layout is not None and (layout == "flat") != (variant in FLAT_VARIANTS):
         expected = "flat (model_type kimi_k2 / deepseek_v3)" if variant in FLAT_VARIANTS else "kimi_k25"
@@ -397,8 +393,6 @@ def _detect(ckpt: Path, source: str | None, where: str | None, layout: str | Non
 
 
 def _prove(source: str | None, where: str | None, variant: str) -> str:
-    from kimi_ref.template_proof import TemplateMismatch, jinja_available, prove
-
     if source is None:
         return "no template in the checkpoint to prove it against"
     if not jinja_available():
@@ -417,8 +411,6 @@ _COMPILED: dict[str, Any] = {}
 
 
 def _compiled(source: str | None, where: str | None) -> Any:
-    from kimi_ref.template_proof import compile_template
-
     assert source is not None
     if source not in _COMPILED:
         _COMPILED[source] = compile_template(source, str(where))

@@ -25,7 +25,8 @@ experts contribute nothing here. The shared expert and the dense MLP are split M
 (gate/up by rows, down by columns), so every rank holds a partial sum; routed and shared partial
 sums meet in **one** ``all_reduce``.
 
-**Kernels.** ``backend = "triton"`` sends the routed part to ``kimi_ref.kernels.fused_moe`` when all of
+**Kernels.** With a ``kernel`` (``kernels.fused_moe``, handed over by :mod:`kimi_ref.backend`) the routed
+part goes to it when all of
 this rank's experts are INT4 and form one contiguous range (their packed buffers are stacked once,
 and each expert's buffers become views of its row: see ``MoE._stacked_int4``); otherwise the torch
 path below runs (it is the reference).
@@ -115,7 +116,8 @@ class MoE(nn.Module):
     def __init__(self, config: KimiConfig, layer: int, *, tp: TP = SINGLE, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None):
         super().__init__()
-        self.config, self.layer, self.tp, self.backend = config, layer, tp, "torch"
+        self.config, self.layer, self.tp = config, layer, tp
+        self.kernel, self.backend = None, "torch"
         self.gate = Router(config, dtype=dtype, device=device)
         start, size = tp.split(config.n_routed_experts, "n_routed_experts")
         self.experts = nn.ModuleDict(
@@ -194,15 +196,11 @@ class MoE(nn.Module):
         module._restack = True  # load_state_dict may have assigned new buffers: check them all on the next call
 
     def routed(self, x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        if self.backend == "triton":
+        if self.kernel is not None:
             stacked = self._stacked_int4()
             if stacked is not None:
-                from kimi_ref import kernels  # fused INT4 MoE kernel (kimi_ref/kernels/)
-
                 offset, (gp, gs, up, us, dp, ds) = stacked
-                return kernels.fused_moe(x, weights, ids, gp, gs, up, us, dp, ds, expert_offset=offset)
-        elif self.backend != "torch":
-            raise ValueError(f"MoE: unknown backend {self.backend!r}; expected 'torch' or 'triton'")
+                return self.kernel(x, weights, ids, gp, gs, up, us, dp, ds, expert_offset=offset)
         return self.routed_torch(x, weights, ids)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -251,12 +251,9 @@ class W4A16Linear(nn.Module):
     [out, in/group_size], ``weight_shape`` int32 [2] = (out, in). ``bias`` [out] float32 if asked for
     (Kimi's quantized Linears have none).
 
-    ``backend``: ``"torch"`` (dequantize, then ``F.linear``; the reference) or ``"triton"``
-    (:func:`kimi_ref.kernels.w4a16_matmul`, dequantizing inside the GEMM); switched with
-    ``KimiForCausalLM.set_backend``.
+    ``kernel``: None (dequantize, then ``F.linear``; the reference) or the W4A16 GEMM that
+    :mod:`kimi_ref.backend` hands it (``kernels.w4a16_matmul``, dequantizing inside the GEMM).
     """
-
-    backend: str = "torch"
 
     def __init__(
         self, in_features: int, out_features: int, group_size: int = GROUP_SIZE, bias: bool = False,
@@ -266,7 +263,7 @@ class W4A16Linear(nn.Module):
         _shape2((out_features, in_features), "W4A16Linear")
         _check_in_features(in_features, group_size, "W4A16Linear")
         self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self.backend = "torch"
+        self.kernel, self.backend = None, "torch"
         # Every nibble 8 (excess-8 for q = 0): a fresh module is an all-zero weight, not an all -8 one.
         self.register_buffer("weight_packed", torch.full((out_features, in_features // PACK_FACTOR), ZERO_WORD,
                                                          dtype=torch.int32, device=device))
@@ -301,15 +298,10 @@ class W4A16Linear(nn.Module):
         if x.shape[-1] != self.in_features:
             raise Int4Error(f"W4A16Linear: input has {x.shape[-1]} features, expected {self.in_features}")
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        if self.backend == "triton":
-            from kimi_ref import kernels  # dequantization inside the GEMM (kimi_ref/kernels/w4a16.py)
-
-            y = kernels.w4a16_matmul(x.reshape(-1, self.in_features), self.weight_packed, self.weight_scale)
+        if self.kernel is not None:
+            y = self.kernel(x.reshape(-1, self.in_features), self.weight_packed, self.weight_scale)  # fp32 [M, out]
             y = y.view(*x.shape[:-1], self.out_features).to(x.dtype)
             return y if bias is None else y + bias
-        if self.backend != "torch":
-            raise ValueError(f"W4A16Linear: unknown backend {self.backend!r}; expected 'torch' or 'triton'")
-        bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dense_weight(x.dtype), bias)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):

@@ -38,9 +38,9 @@ whatever the model dtype (the caches stay in the model dtype), ``scale = softmax
 parallelism each rank owns h/N heads: q_b_proj and kv_b_proj hold their rows, o_proj its columns, and
 o_proj's partial sums meet in one all-reduce; an o_proj bias is added once, after it.
 
-``backend = "triton"`` (set by ``KimiForCausalLM.set_backend``) sends the rotations to
-``kernels.apply_rope`` and a one-token absorbed decode step to ``kernels.mla_decode``; prefill, the
-naive form and ``track_max_logit`` stay on the torch path, which is the reference.
+Kernels (handed over by :mod:`kimi_ref.backend`): ``rope_kernel`` turns q_rope and k_rope
+(``kernels.apply_rope``), ``decode_kernel`` runs a one-token absorbed step (``kernels.mla_decode``);
+prefill, the naive form and ``track_max_logit`` stay on the torch path, which is the reference.
 
 Float64 twin: ``kimi_ref/oracle/mla.py``.
 """
@@ -53,11 +53,12 @@ from torch import nn
 
 from kimi_ref import parallel
 from kimi_ref.config import KimiConfig
-from kimi_ref.norms import BACKENDS, RMSNorm
+from kimi_ref.norms import RMSNorm
 from kimi_ref.parallel import SINGLE, TP
 from kimi_ref.rope import RotaryEmbedding, apply_rope, softmax_scale
 
-__all__ = ["LATENT_NORM_EPS", "MLA_MODES", "MLA", "LayerCache", "KVCache", "causal_mask"]
+__all__ = ["LATENT_NORM_EPS", "MLA_MODES", "MLA", "LayerCache", "KVCache", "causal_mask", "absorbed_scores",
+           "mix_latents"]
 
 # DeepSeek builds q_a_layernorm and kv_a_layernorm as RMSNorm(rank) with the class default eps=1e-6;
 # config.rms_norm_eps (1e-5 for Kimi) is only passed to the decoder-layer norms. Kimi inherits this.
@@ -74,6 +75,18 @@ def causal_mask(t: int, s: int, device: torch.device | str | None = None) -> tor
 # ----------------------------------------------------------------------------------------------------------
 # The KV cache
 # ----------------------------------------------------------------------------------------------------------
+
+
+def absorbed_scores(q_latent: torch.Tensor, q_rope: torch.Tensor, latent: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
+    """Unscaled scores [B,h,T,S] in fp32 of queries moved into latent space, q_latent [B,T,h,c] and q_rope
+    [B,T,h,r], against the cached latent [B,S,c] and rope key [B,S,r] (shared by every head)."""
+    return (torch.einsum("bthc,bsc->bhts", q_latent.float(), latent.float())
+            + torch.einsum("bthr,bsr->bhts", q_rope.float(), k_rope.float()))
+
+
+def mix_latents(p: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
+    """Σ_s p[b,h,t,s] latent[b,s] -> [B,T,h,c] fp32: each head's output, still in latent space."""
+    return torch.einsum("bhts,bsc->bthc", p.float(), latent.float())
 
 
 class LayerCache:
@@ -188,7 +201,9 @@ class MLA(nn.Module):
         n, r, v = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim
         h = tp.local(config.num_attention_heads, "num_attention_heads")
         self.heads, self.nope, self.rope_dim, self.value_dim, self.latent_dim = h, n, r, v, c
-        self.mode, self.tp, self.backend = mode, tp, "torch"
+        self.mode, self.tp = mode, tp
+        self.rope_kernel = self.decode_kernel = None  # set by kimi_ref.backend
+        self.backend = "torch"
         self.scale = softmax_scale(config)
         self.rotary = RotaryEmbedding(config.rope, r)
         self.track_max_logit: bool = track_max_logit
@@ -224,7 +239,7 @@ class MLA(nn.Module):
         latent, k_rope = self.kv_a_proj_with_mqa(x).split([self.latent_dim, self.rope_dim], dim=-1)
         return self.kv_a_layernorm(latent), k_rope
 
-    def kv_b_split(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def split_kv_b(self) -> tuple[torch.Tensor, torch.Tensor]:
         """W_uk [h,n,c] (latent → key nope) and W_uv [h,v,c] (latent → value): views of kv_b_proj."""
         kv_b = self.kv_b_proj.weight.unflatten(0, (self.heads, self.nope + self.value_dim))
         w_uk, w_uv = kv_b.split([self.nope, self.value_dim], dim=1)
@@ -268,21 +283,17 @@ class MLA(nn.Module):
         if cache is not None:
             kv = cache.append(latent=latent, k_rope=k_rope)
             latent, k_rope = kv["latent"], kv["k_rope"]  # [B,S,c], [B,S,r]
-        w_uk, w_uv = self.kv_b_split()
+        w_uk, w_uv = self.split_kv_b()
         # fp32 from the absorbed query to the latent output (see attend_naive); the cache stays in the model dtype
         q_latent = torch.einsum("bthn,hnc->bthc", q_nope.float(), w_uk.float())  # the query, moved into latent space
-        if self.backend == "triton" and q_latent.shape[1] == 1 and not self.track_max_logit:
-            # One new token per sequence attending to the whole latent cache: the Triton decode kernel.
+        if self.decode_kernel is not None and q_latent.shape[1] == 1 and not self.track_max_logit:
+            # One new token per sequence attending to the whole latent cache: the decode kernel.
             # (It does not report logits, so QK-Clip tracking keeps the torch path.)
-            from kimi_ref import kernels
-
-            latent_out = kernels.mla_decode(q_latent[:, 0], q_rope[:, 0].float(), latent, k_rope,
+            latent_out = self.decode_kernel(q_latent[:, 0], q_rope[:, 0].float(), latent, k_rope,
                                             latent.shape[1], self.scale)[:, None]  # [B,1,h,c] fp32
         else:
-            latent, k_rope = latent.float(), k_rope.float()
-            scores = (torch.einsum("bthc,bsc->bhts", q_latent, latent)
-                      + torch.einsum("bthr,bsr->bhts", q_rope.float(), k_rope))
-            latent_out = torch.einsum("bhts,bsc->bthc", self.probabilities(scores), latent)  # still in latent space
+            p = self.probabilities(absorbed_scores(q_latent, q_rope, latent, k_rope))
+            latent_out = mix_latents(p, latent)  # still in latent space
         return torch.einsum("bthc,hvc->bthv", latent_out, w_uv.float()).to(w_uv.dtype)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache: LayerCache | None = None, *,
@@ -294,10 +305,23 @@ class MLA(nn.Module):
         cos_sin: the rotary table for ``positions`` if the caller already has it (the model computes
         it once for all layers).
         """
+        cos, sin = self._check_inputs(x, positions, cache, cos_sin)  # [T, r/2] or [B, T, r/2]
+        q_nope, q_rope = self.query(x)
+        latent, k_rope = self.compress_kv(x)
+        if self.rope_kernel is not None and cos.dim() == 2:  # the kernel takes one [T, r/2] table for the batch
+            q_rope = self.rope_kernel(q_rope, cos, sin)
+            k_rope = self.rope_kernel(k_rope[:, :, None, :], cos, sin)[:, :, 0, :]
+        else:
+            q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))  # every head turns by the same angle
+            k_rope = apply_rope(k_rope, cos, sin)
+        attend = self.attend_absorbed if self.mode == "absorbed" else self.attend_naive
+        return self.output(attend(q_nope, q_rope, latent, k_rope, cache))
+
+    def _check_inputs(self, x: torch.Tensor, positions: torch.Tensor | None, cache: LayerCache | None,
+                      cos_sin: tuple[torch.Tensor, torch.Tensor] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every input of :meth:`forward` checked (each error names what was expected); the rotary table."""
         if x.dim() != 3 or x.shape[-1] != self.kv_a_proj_with_mqa.in_features:
             raise ValueError(f"MLA: input must be [batch, time, {self.kv_a_proj_with_mqa.in_features}], found {tuple(x.shape)}")
-        if self.backend not in BACKENDS:
-            raise ValueError(f"MLA.backend must be one of {BACKENDS}, found {self.backend!r}")
         if cache is not None and not isinstance(cache, LayerCache):
             raise TypeError(f"MLA: cache must be this layer's LayerCache (kv_cache[i]), found {type(cache).__name__}")
         if cache is not None and cache.mode != self.mode:
@@ -311,24 +335,12 @@ class MLA(nn.Module):
                 raise ValueError(f"MLA: positions must have shape ({t},) or ({b}, {t}) for input {tuple(x.shape)}, "
                                  f"found {tuple(positions.shape)}")
             cos_sin = self.rotary(positions)
-        cos, sin = cos_sin  # [T, r/2] or [B, T, r/2]
+        cos, sin = cos_sin
         half = self.rope_dim // 2
         if tuple(cos.shape) not in ((t, half), (b, t, half)) or sin.shape != cos.shape:
             raise ValueError(f"MLA: cos/sin must have shape ({t}, {half}) or ({b}, {t}, {half}), "
                              f"found {tuple(cos.shape)}/{tuple(sin.shape)}")
-
-        q_nope, q_rope = self.query(x)
-        latent, k_rope = self.compress_kv(x)
-        if self.backend == "triton" and cos.dim() == 2:  # the kernel takes one [T, r/2] table for the batch
-            from kimi_ref import kernels
-
-            q_rope = kernels.apply_rope(q_rope, cos, sin)
-            k_rope = kernels.apply_rope(k_rope[:, :, None, :], cos, sin)[:, :, 0, :]
-        else:
-            q_rope = apply_rope(q_rope, cos.unsqueeze(-2), sin.unsqueeze(-2))  # every head turns by the same angle
-            k_rope = apply_rope(k_rope, cos, sin)
-        attend = self.attend_absorbed if self.mode == "absorbed" else self.attend_naive
-        return self.output(attend(q_nope, q_rope, latent, k_rope, cache))
+        return cos, sin
 
     # ---- caches --------------------------------------------------------------------------------------
 

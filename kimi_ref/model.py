@@ -37,7 +37,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kimi_ref import parallel
+from kimi_ref import moonvit, parallel
+from kimi_ref.backend import BACKENDS, use_backend
 from kimi_ref.config import KimiConfig
 from kimi_ref.experts import DenseMLP, MoE
 from kimi_ref.mla import MLA, MLA_MODES, KVCache
@@ -46,9 +47,6 @@ from kimi_ref.parallel import SINGLE, TP
 from kimi_ref.rope import RotaryEmbedding
 
 __all__ = ["BACKENDS", "DecoderLayer", "VocabParallelEmbedding", "KimiModel", "KimiForCausalLM"]
-
-BACKENDS = ("torch", "triton")
-
 
 class DecoderLayer(nn.Module):
     """One pre-norm block [B,T,d] -> [B,T,d]: attention then MLP, each added to the residual stream."""
@@ -64,14 +62,16 @@ class DecoderLayer(nn.Module):
         self.self_attn = MLA(config, tp=tp, mode=mla_mode, **kw)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, **kw)
         self.mlp = MoE(config, layer_idx, tp=tp, **kw) if config.is_moe_layer(layer_idx) else DenseMLP(config, tp=tp, **kw)
-        _set_backend(self, backend)
+        use_backend(self, backend)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor | None = None, cache=None, *,
                 cos_sin: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x [B,T,d]; ``positions``/``cache``/``cos_sin`` as in :meth:`kimi_ref.mla.MLA.forward`
         (``cache`` is this layer's ``LayerCache``)."""
-        x = x + self.self_attn(self.input_layernorm(x), positions, cache, cos_sin=cos_sin)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attended = self.self_attn(self.input_layernorm(x), positions, cache, cos_sin=cos_sin)
+        # h = x + attended, and its norm, in one step (one kernel reads both on the triton backend)
+        normed, h = self.post_attention_layernorm(attended, residual=x)
+        return h + self.mlp(normed)
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -111,7 +111,7 @@ class KimiModel(nn.Module):
                                     for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)  # one table for every layer
-        _set_backend(self, backend)
+        use_backend(self, backend)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B,T,d] of checked ids [B,T]."""
@@ -174,8 +174,6 @@ class KimiForCausalLM(nn.Module):
             self.lm_head = nn.Linear(config.hidden_size, tp.local(config.vocab_size, "vocab_size"), bias=False,
                                      dtype=dtype, device=device)
         if config.vision is not None:  # kimi_k25 layout: MoonViT tower + patch-merger projector, replicated
-            from kimi_ref import moonvit
-
             self.vision_tower = moonvit.VisionTower(config.vision, dtype=dtype, device=device)
             self.mm_projector = moonvit.Projector(config.vision, dtype=dtype, device=device)
         self.set_backend(backend)
@@ -188,7 +186,7 @@ class KimiForCausalLM(nn.Module):
 
     def set_backend(self, name: str) -> "KimiForCausalLM":
         """Switch every kernel-capable module (RMSNorm, MLA, MoE, W4A16Linear) to ``name``."""
-        _set_backend(self, name)
+        use_backend(self, name)
         return self
 
     def head_weight(self) -> torch.Tensor:
@@ -227,8 +225,6 @@ class KimiForCausalLM(nn.Module):
         placeholder = self.config.media_placeholder_token_id
         if placeholder is None:
             raise ValueError(f"{self.config.source}: no media_placeholder_token_id, so images cannot be placed")
-        from kimi_ref import moonvit
-
         features = moonvit.encode(self.vision_tower, self.mm_projector, pixel_values, grid_thws)
         spliced = moonvit.splice(self.model.embed(input_ids), input_ids, features, placeholder,
                                  pad_id=self.config.pad_token_id)
@@ -236,14 +232,6 @@ class KimiForCausalLM(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mla_mode={self.mla_mode!r}, tp={self.tp.rank}/{self.tp.world_size}"
-
-
-def _set_backend(module: nn.Module, name: str) -> None:
-    if name not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, found {name!r}")
-    for m in module.modules():
-        if hasattr(m, "backend"):
-            m.backend = name
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

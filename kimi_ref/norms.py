@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-__all__ = ["BACKENDS", "rms_norm", "RMSNorm"]
+__all__ = ["rms_norm", "RMSNorm"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -36,16 +36,14 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return weight * normed.to(x.dtype)
 
 
-BACKENDS = ("torch", "triton")
-
-
 class RMSNorm(nn.Module):
     """RMSNorm over the last axis with a learned weight (initialised to ones) and a fixed ``eps``.
 
     ``forward(x)`` returns the normalised x; ``forward(x, residual)`` first adds the residual stream
-    (``h = x + residual`` in x's dtype) and returns ``(rms_norm(h), h)``, the fused form the Triton
-    kernel provides. ``backend`` is ``"torch"`` (the reference) or ``"triton"``
-    (``kimi_ref.kernels.rms_norm``); ``KimiForCausalLM.set_backend`` sets it.
+    (``h = x + residual`` in x's dtype) and returns ``(rms_norm(h), h)``: the decoder layer adds the
+    attention output to the residual stream and normalises it in one step, which one Triton kernel does
+    in a single read of both. ``kernel`` is None (the reference below) or the function
+    :mod:`kimi_ref.backend` hands it.
     """
 
     def __init__(self, dim: int, eps: float, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None):
@@ -54,19 +52,15 @@ class RMSNorm(nn.Module):
             raise ValueError(f"RMSNorm: dim and eps must be positive, found dim={dim}, eps={eps}")
         self.dim, self.eps = dim, eps
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
-        self.backend = "torch"
+        self.kernel, self.backend = None, "torch"
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.shape[-1] != self.dim:
             raise ValueError(f"RMSNorm({self.dim}): input has {x.shape[-1]} channels in its last axis, shape {tuple(x.shape)}")
         if residual is not None and residual.shape != x.shape:
             raise ValueError(f"RMSNorm({self.dim}): residual has shape {tuple(residual.shape)}, expected {tuple(x.shape)}")
-        if self.backend == "triton":
-            from kimi_ref import kernels  # the Triton kernel computes exactly rms_norm (kimi_ref/kernels/)
-
-            return kernels.rms_norm(x, self.weight, self.eps, residual=residual)
-        if self.backend != "torch":
-            raise ValueError(f"RMSNorm.backend must be one of {BACKENDS}, found {self.backend!r}")
+        if self.kernel is not None:
+            return self.kernel(x, self.weight, self.eps, residual=residual)
         if residual is None:
             return rms_norm(x, self.weight, self.eps)
         h = x + residual.to(x.dtype)

@@ -20,6 +20,7 @@ import json
 import math
 import operator
 from typing import Any, Callable
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 __all__ = ["calculator", "current_time", "BUILTIN_TOOLS", "run_tool", "MAX_DIGITS", "MAX_EXPRESSION", "MAX_DEPTH"]
 
@@ -160,8 +161,6 @@ def calculator(expression: Any) -> str:
 def current_time(timezone: Any = None) -> str:
     """The current time as ISO 8601, in the IANA ``timezone`` if given (e.g. "Europe/Paris"), else local."""
     if timezone:
-        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
         if not isinstance(timezone, str):
             return f"error: current_time: 'timezone' must be a string, found {type(timezone).__name__}"
         try:

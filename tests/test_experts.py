@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import sys
-import types
 
 import numpy as np
 import pytest
 import torch
 
-import kimi_ref
 from hypothesis import assume, given, settings, strategies as st
 from tolerances import BF16_OP, assert_close
 
-from kimi_ref import int4, parallel
+from kimi_ref import backend, int4, parallel
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.experts import DenseMLP, MoE, SwiGLU
 from kimi_ref.int4 import W4A16Linear
@@ -214,7 +211,7 @@ def test_tensor_parallel_ranks_sum_to_the_whole(monkeypatch):
 
 
 def test_triton_backend_stacks_int4_experts(monkeypatch):
-    """backend "triton" calls kernels.fused_moe with the stacked INT4 buffers and this rank's offset;
+    """The triton backend calls kernels.fused_moe with the stacked INT4 buffers and this rank's offset;
     a float64 stand-in kernel (the contract's formula) gives the torch path's result."""
     calls = []
 
@@ -234,47 +231,43 @@ def test_triton_backend_stacks_int4_experts(monkeypatch):
                 out[n] += topk_weights[n, j].double() * (dn @ (torch.nn.functional.silu(g @ h) * (u @ h)))
         return out.float()
 
-    fake = types.ModuleType("kimi_ref.kernels")
-    fake.fused_moe = fused_moe
-    monkeypatch.setitem(sys.modules, "kimi_ref.kernels", fake)
-    # `from kimi_ref import kernels` reads the package attribute once the real module has been imported
-    monkeypatch.setattr(kimi_ref, "kernels", fake, raising=False)
+    monkeypatch.setitem(backend.SLOTS, "triton", {MoE: {"kernel": fused_moe}})
     monkeypatch.setattr(parallel, "all_reduce", lambda t, tp: t)
     cfg = moe_config(K25, experts=8, k=2)
     moe = MoE(cfg, 1, tp=TP(1, 2))  # experts 4..7
     randomize(moe, 4)
     x = torch.randn(6, cfg.hidden_size, generator=torch.Generator().manual_seed(2))
     want = moe(x)
-    moe.backend = "triton"
+    backend.use_backend(moe, "triton")
     got = moe(x)
     assert calls == [((4, cfg.moe_intermediate_size, cfg.hidden_size // 8), 4)]
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # reloading weights re-stacks: the kernel must see the new experts
     randomize(moe, 5)
     moe.load_state_dict({k: v.clone() for k, v in moe.state_dict().items()})
-    moe.backend = "torch"
+    backend.use_backend(moe, "torch")
     want2 = moe(x)
-    moe.backend = "triton"
+    backend.use_backend(moe, "triton")
     torch.testing.assert_close(moe(x), want2, rtol=1e-5, atol=1e-6)
     # the weights exist once: each expert's buffers are row views of the stack the kernel reads
     offset, stacked = moe._stacked_int4()
     assert offset == 4 and moe.experts["5"].up_proj.weight_packed.data_ptr() == stacked[2][1].data_ptr()
     # a write into one expert's buffer, without load_state_dict, reaches the kernel
     moe.experts["6"].down_proj.weight_scale.mul_(2)
-    moe.backend = "torch"
+    backend.use_backend(moe, "torch")
     want3 = moe(x)
-    moe.backend = "triton"
+    backend.use_backend(moe, "triton")
     torch.testing.assert_close(moe(x), want3, rtol=1e-5, atol=1e-6)
     # new buffer objects (load_state_dict(assign=True), as .to() or .float() would make) are stacked anew
     randomize(moe, 6)
     moe.load_state_dict({k: v.clone() for k, v in moe.state_dict().items()}, assign=True)
-    moe.backend = "torch"
+    backend.use_backend(moe, "torch")
     want4 = moe(x)
-    moe.backend = "triton"
+    backend.use_backend(moe, "triton")
     torch.testing.assert_close(moe(x), want4, rtol=1e-5, atol=1e-6)
     # non-quantized experts (or a non-contiguous subset) stay on the torch path
     plain = MoE(moe_config(K25, quantized=False), 1)
-    plain.backend = "triton"
+    backend.use_backend(plain, "triton")
     plain(x)
     del moe.experts["5"]
     moe(x)
@@ -285,9 +278,8 @@ def test_unknown_backend_and_bad_width_are_errors():
     moe = MoE(moe_config(K25), 1)
     with pytest.raises(ValueError, match="hidden_size"):
         moe(torch.zeros(3, 7))
-    moe.backend = "cuda-magic"
-    with pytest.raises(ValueError, match="unknown backend"):
-        moe(torch.zeros(3, moe.config.hidden_size))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        backend.use_backend(moe, "cuda-magic")
     with pytest.raises(parallel.TPError, match="n_routed_experts"):
         MoE(moe_config(K25, experts=6, k=2), 1, tp=TP(0, 4))
 

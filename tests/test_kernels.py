@@ -64,7 +64,7 @@ K_ROPE = importlib.import_module("kimi_ref.kernels.rope")
 K_MLA = importlib.import_module("kimi_ref.kernels.mla_decode")
 K_MOE = importlib.import_module("kimi_ref.kernels.fused_moe")
 
-from kimi_ref import int4  # noqa: E402
+from kimi_ref import backend, int4  # noqa: E402
 from kimi_ref.oracle import experts as o_experts  # noqa: E402
 from kimi_ref.oracle import int4 as o_int4  # noqa: E402
 from kimi_ref.oracle import mla as o_mla  # noqa: E402
@@ -478,14 +478,16 @@ def test_tiny_model_triton_backend_equals_torch(monkeypatch):
         for name, p in model.named_parameters():
             p.copy_(1.0 + 0.1 * torch.randn_like(p) if name.endswith("norm.weight") else 0.05 * torch.randn_like(p))
     calls: dict[str, int] = {}
-    for name in ("rms_norm", "apply_rope", "fused_moe", "mla_decode"):
-        original = getattr(kernels, name)
+    triton = {cls: dict(slots) for cls, slots in backend.SLOTS["triton"].items()}  # what use_backend hands out
+    for slots in triton.values():
+        for slot, original in slots.items():
+            if original.__name__ in ("rms_norm", "apply_rope", "fused_moe", "mla_decode"):
+                def counted(*args, _name=original.__name__, _original=original, **kwargs):
+                    calls[_name] = calls.get(_name, 0) + 1
+                    return _original(*args, **kwargs)
 
-        def counted(*args, _name=name, _original=original, **kwargs):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _original(*args, **kwargs)
-
-        monkeypatch.setattr(kernels, name, counted)
+                slots[slot] = counted
+    monkeypatch.setitem(backend.SLOTS, "triton", triton)
     ids = torch.randint(0, config.vocab_size, (2, 5), generator=torch.Generator().manual_seed(1))
 
     def run(backend: str):

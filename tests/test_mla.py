@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 import types
 
 import numpy as np
@@ -12,10 +11,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from tolerances import BF16_OP, assert_close
 
-from kimi_ref import parallel
+from kimi_ref import backend, kernels, parallel
 from kimi_ref import rope as trope
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
 from kimi_ref.mla import MLA, KVCache
+from kimi_ref.norms import RMSNorm
 from kimi_ref.oracle import mla as omla
 from kimi_ref.oracle import rope as orope
 from kimi_ref.parallel import TP
@@ -120,7 +120,7 @@ def test_bf16_attention_core_runs_in_fp32(mode, t, seed):
         if mode == "absorbed":
             cache.append(latent=latent[:, :s - t], k_rope=k_rope[:, :s - t])
             got = module.attend_absorbed(q_nope, q_rope, latent[:, s - t:], k_rope[:, s - t:], cache)
-            w_uk, w_uv = (w.double() for w in module.kv_b_split())
+            w_uk, w_uv = (w.double() for w in module.split_kv_b())
             q_latent = torch.einsum("bthn,hnc->bthc", q_nope.double(), w_uk)  # the absorbed query, exactly
             want = torch.einsum("bthc,hvc->bthv", _attention_f64(q_latent, q_rope, latent, k_rope, latent, module.scale),
                                 w_uv)
@@ -299,14 +299,13 @@ def _fake_kernels(calls: list):
 def test_triton_backend_follows_the_kernel_contract(monkeypatch):
     calls: list = []
     fake = _fake_kernels(calls)
-    monkeypatch.setitem(sys.modules, "kimi_ref.kernels", fake)
-    monkeypatch.setattr("kimi_ref.kernels", fake, raising=False)
+    monkeypatch.setitem(backend.SLOTS, "triton", {
+        RMSNorm: {"kernel": fake.rms_norm}, MLA: {"rope_kernel": fake.apply_rope, "decode_kernel": fake.mla_decode}})
     config = make_config()
     module, w = make_mla(config, "absorbed", 1)
     x = torch.randn(2, 5, config.hidden_size)
     reference = run(module, x)
-    for m in module.modules():
-        m.backend = "triton"
+    backend.use_backend(module, "triton")
     cache = module.new_cache(2, 5)
     out = torch.cat([run(module, x[:, :3], cache=cache), run(module, x[:, 3:4], cache=cache),
                      run(module, x[:, 4:], cache=cache)], dim=1)
@@ -317,14 +316,12 @@ def test_triton_backend_follows_the_kernel_contract(monkeypatch):
 
 def test_real_kernels_module():
     """The real kimi_ref.kernels: Triton where it can run (GPU, or TRITON_INTERPRET=1), else its torch fallback."""
-    from kimi_ref import kernels
-
     config = make_config(heads=2, nope=8, rope_dim=8, v=8, kv_lora=16)
     module, _ = make_mla(config, "absorbed", 2)
     x = torch.randn(2, 4, config.hidden_size, generator=torch.Generator().manual_seed(2))
     reference = run(module, x)
-    for m in module.modules():
-        m.backend = "triton"
+    backend.use_backend(module, "triton")
+    assert module.decode_kernel is kernels.mla_decode and module.rope_kernel is kernels.apply_rope
     cache = module.new_cache(2, 6)
     out = torch.cat([run(module, x[:, :2], cache=cache), run(module, x[:, 2:3], cache=cache),
                      run(module, x[:, 3:], cache=cache)], dim=1)
@@ -362,9 +359,8 @@ def test_errors():
         run(module, torch.zeros(1, 1, d), cache=other.new_cache(1, 4))
     with pytest.raises(ValueError, match="batch >= 1 and max_len >= 1"):
         module.new_cache(0, 4)
-    module.backend = "cuda"
-    with pytest.raises(ValueError, match=r"MLA.backend must be one of \('torch', 'triton'\), found 'cuda'"):
-        run(module, torch.zeros(1, 1, d))
+    with pytest.raises(ValueError, match=r"backend must be one of \('torch', 'triton'\), found 'cuda'"):
+        backend.use_backend(module, "cuda")
 
 
 # ---- chapter 04 solutions -----------------------------------------------------------------------------
@@ -392,7 +388,7 @@ def test_chapter_04_solutions_absorbed_output_weight(config, seed):
     sol = _solutions()
     module, _ = make_mla(config, "absorbed", seed)
     latent_out = torch.randn(2, 3, module.heads, module.latent_dim, generator=torch.Generator().manual_seed(seed))
-    _, w_uv = module.kv_b_split()
+    _, w_uv = module.split_kv_b()
     with torch.no_grad():
         expected = torch.nn.functional.linear(torch.einsum("bthc,hvc->bthv", latent_out, w_uv).flatten(-2),
                                               module.o_proj.weight)

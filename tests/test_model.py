@@ -256,6 +256,14 @@ def test_set_backend_reaches_every_kernel_module():
     assert all(m.backend == "torch" for m in with_backend)
     with pytest.raises(ValueError, match="backend"):
         model.set_backend("cuda")
+    # the modules hold functions, not names: the triton backend hands each its kernel, torch takes them back
+    from kimi_ref import kernels
+
+    model.set_backend("triton")
+    norm, mla = model.model.norm, model.model.layers[0].self_attn
+    assert norm.kernel is kernels.rms_norm and mla.decode_kernel is kernels.mla_decode
+    model.set_backend("torch")
+    assert norm.kernel is None and mla.rope_kernel is None and mla.decode_kernel is None
 
 
 def test_decoder_layer_builds_alone_as_checkpoint_load_layer_does():

@@ -27,7 +27,7 @@ def absorbed_output_weight(mla: MLA) -> torch.Tensor:
 
     o_proj.weight [d, h·v] viewed [d, h, v]; W_uv [h, v, c]; the product sums over v.
     """
-    _, w_uv = mla.kv_b_split()
+    _, w_uv = mla.split_kv_b()
     o = mla.o_proj.weight.unflatten(1, (mla.heads, mla.value_dim))  # [d, h, v]
     return torch.einsum("dhv,hvc->dhc", o, w_uv).flatten(1)
 

@@ -28,6 +28,7 @@ import torch
 
 from kimi_ref.kernels._runtime import (dot_acc, dot_mode, interpreting, jit, launch_config, next_pow2, tl, triton,
                                        use_triton)
+from kimi_ref.mla import absorbed_scores, mix_latents
 
 __all__ = ["mla_decode", "mla_decode_torch", "mla_decode_triton"]
 
@@ -102,11 +103,11 @@ def _check(q_latent, q_rope, latent, k_rope, length) -> tuple[int, int, int, int
 
 
 def mla_decode_torch(q_latent, q_rope, latent, k_rope, length: int, scale: float) -> torch.Tensor:
-    """The fallback: dense scores over the first ``length`` cache entries, fp32 softmax."""
+    """The fallback: ``kimi_ref.mla``'s absorbed attention for one query over the first ``length`` entries."""
     _check(q_latent, q_rope, latent, k_rope, length)
-    lat, kr = latent[:, :length].float(), k_rope[:, :length].float()
-    scores = (torch.einsum("bhc,bsc->bhs", q_latent.float(), lat) + torch.einsum("bhr,bsr->bhs", q_rope.float(), kr)) * scale
-    return torch.einsum("bhs,bsc->bhc", torch.softmax(scores, dim=-1), lat)
+    lat, kr = latent[:, :length], k_rope[:, :length]
+    scores = absorbed_scores(q_latent[:, None], q_rope[:, None], lat, kr)  # [B,h,1,S]
+    return mix_latents(torch.softmax(scores * scale, dim=-1), lat)[:, 0]  # one query sees every entry: no mask
 
 
 def _num_splits(b: int, head_blocks: int, length: int, block_s: int, device: torch.device) -> int:

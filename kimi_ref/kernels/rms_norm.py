@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kimi_ref.kernels._runtime import jit, next_pow2, round_to, tl, use_triton
+from kimi_ref.norms import rms_norm as rms_norm_reference
 
 __all__ = ["rms_norm", "rms_norm_torch", "rms_norm_triton"]
 
@@ -53,11 +54,10 @@ def _check(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None)
 
 
 def rms_norm_torch(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """The fallback: exactly ``kimi_ref.norms.rms_norm`` (plus the residual add when given)."""
+    """The fallback: ``kimi_ref.norms.rms_norm`` itself (after the residual add when given), in x's dtype."""
     _check(x, weight, residual)
     h = x if residual is None else x + residual.to(x.dtype)
-    h32 = h.float()
-    y = (weight.float() * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype).float()).to(x.dtype)
+    y = rms_norm_reference(h, weight, eps).to(x.dtype)
     return y if residual is None else (y, h)
 
 

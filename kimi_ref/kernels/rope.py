@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from kimi_ref.kernels._runtime import jit, next_pow2, round_to, tl, use_triton
+from kimi_ref.rope import apply_rope as apply_rope_reference
 
 __all__ = ["apply_rope", "apply_rope_torch", "apply_rope_triton"]
 
@@ -50,12 +51,9 @@ def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
 
 
 def apply_rope_torch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """The fallback: the pairs turned in fp32, as ``kimi_ref.rope.apply_rope`` does."""
+    """The fallback: ``kimi_ref.rope.apply_rope`` itself, every head turned by its position's angle."""
     _check(x, cos, sin)
-    pairs = x.float().unflatten(-1, (-1, 2))
-    a, b = pairs[..., 0], pairs[..., 1]
-    c, s = cos.float()[None, :, None, :], sin.float()[None, :, None, :]  # same angle for every head
-    return torch.stack((a * c - b * s, b * c + a * s), dim=-1).flatten(-2).to(x.dtype)
+    return apply_rope_reference(x, cos[None, :, None, :], sin[None, :, None, :])
 
 
 def apply_rope_triton(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from kimi_ref.config import KimiConfig, load_config
+from kimi_ref.oracle import int4  # the numpy twin of kimi_ref.int4 (sources §7)
 
 __all__ = ["CheckpointError", "SAFETENSORS_DTYPES", "read_header", "read_safetensors", "bf16_to_float32",
            "checkpoint_tensors", "text_name", "expected_shapes", "load_weights"]
@@ -237,8 +238,6 @@ def expected_shapes(config: KimiConfig) -> dict[str, tuple[int, ...]]:
 
 def _dequantize_int4(module: str, parts: dict[str, np.ndarray], where: dict[str, Path],
                      config: KimiConfig) -> np.ndarray:
-    from kimi_ref.oracle import int4  # the numpy twin of kimi_ref.int4 (sources §7)
-
     packed, scale, shape = (parts[k] for k in _INT4_PARTS)
     if packed.dtype != np.int32:
         raise CheckpointError(

@@ -43,7 +43,7 @@ from kimi_ref.config import KimiConfig
 from kimi_ref.oracle.norms import rms_norm
 from kimi_ref.oracle.rope import apply_rope, cos_sin, softmax_scale
 
-__all__ = ["LATENT_NORM_EPS", "mla", "query", "compress_kv", "split_kv_b", "causal_mask", "softmax",
+__all__ = ["LATENT_NORM_EPS", "mla", "query", "compress_kv", "split_kv_b", "causal_mask", "probabilities", "softmax",
            "scores_naive", "scores_absorbed"]
 
 # DeepSeek builds q_a_layernorm and kv_a_layernorm as RMSNorm(rank) with the class default eps=1e-6;
@@ -106,6 +106,12 @@ def causal_mask(t: int, s: int) -> np.ndarray:
     return np.where(visible, 0.0, -np.inf)
 
 
+def probabilities(scores: np.ndarray, config: KimiConfig) -> np.ndarray:
+    """Attention probabilities [B,h,T,S] from unscaled scores: softmax(scale · scores + causal mask)."""
+    t, s = scores.shape[-2:]
+    return softmax(scores * softmax_scale(config) + causal_mask(t, s))
+
+
 def softmax(scores: np.ndarray) -> np.ndarray:
     """Softmax over the last axis, as exp(score - logsumexp): -inf entries get probability 0."""
     top = np.max(scores, axis=-1, keepdims=True)
@@ -165,12 +171,10 @@ def mla(x: np.ndarray, w: dict[str, np.ndarray], config: KimiConfig, positions: 
             latent = np.concatenate([cache["latent"], latent], axis=1)
             k_rope = np.concatenate([cache["k_rope"], k_rope], axis=1)
         cache["latent"], cache["k_rope"] = latent, k_rope
-    s = latent.shape[1]
 
     w_uk, w_uv = split_kv_b(w, config)
     score_fn = scores_naive if form == "naive" else scores_absorbed
-    scores = score_fn(q_nope, q_rope, latent, k_rope, w_uk) * softmax_scale(config)
-    p = softmax(scores + causal_mask(t, s))  # [B,h,T,S]
+    p = probabilities(score_fn(q_nope, q_rope, latent, k_rope, w_uk), config)  # [B,h,T,S]
 
     outputs = []
     for j in range(w_uv.shape[0]):

@@ -24,19 +24,7 @@ threads of this process (notebooks, tests). See docs/serving.md for every field 
 
 from __future__ import annotations
 
-from typing import Any
+from kimi_ref.serve.cli import main
+from kimi_ref.serve.server import start
 
 __all__ = ["start", "main"]
-
-
-def start(*args: Any, **kwargs: Any) -> Any:
-    """Serve from background threads of this process: see :func:`kimi_ref.serve.server.start`."""
-    from kimi_ref.serve.server import start as _start
-
-    return _start(*args, **kwargs)
-
-
-def main(argv: list[str] | None = None) -> int:
-    from kimi_ref.serve.cli import main as _main
-
-    return _main(argv)

@@ -14,12 +14,20 @@ import ipaddress
 import sys
 from pathlib import Path
 
+import torch
+
+from kimi_ref.chat import (ChatError, add_shared_flags, check_shared_flags, default_checkpoint, open_checkpoint,
+                           resolve_chat_setup)
+from kimi_ref.checkpoint import CheckpointError
+from kimi_ref.config import ConfigError
+from kimi_ref.launch import LaunchError, check_device, launch
+from kimi_ref.parallel import TPError
+from kimi_ref.serve.server import ServeSettings, listen
+
 __all__ = ["main"]
 
 
 def _parser() -> argparse.ArgumentParser:
-    from kimi_ref.chat import add_shared_flags
-
     p = argparse.ArgumentParser(prog="python -m kimi_ref.serve",
                                 description="An OpenAI-compatible chat-completions server for a Kimi K2.x checkpoint.")
     add_shared_flags(p, tp_help="tensor-parallel ranks; rank 0 serves, the others follow",
@@ -40,12 +48,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(args: argparse.Namespace):
-    from kimi_ref.chat import ChatError, check_shared_flags, default_checkpoint, open_checkpoint, resolve_chat_setup
-    from kimi_ref.launch import check_device
-    from kimi_ref.serve.server import ServeSettings, listen
-
-    import torch
-
     for flag, value, low in (("--tp", args.tp, 1), ("--max-new-tokens", args.max_new_tokens, 1),
                              ("--max-model-len", args.max_model_len, 2), ("--max-queue", args.max_queue, 1)):
         if value is not None and value < low:
@@ -91,12 +93,6 @@ def _loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from kimi_ref.chat import ChatError
-    from kimi_ref.checkpoint import CheckpointError
-    from kimi_ref.config import ConfigError
-    from kimi_ref.launch import LaunchError, launch
-    from kimi_ref.parallel import TPError
-
     args = _parser().parse_args(argv)
     try:
         importlib.import_module("starlette")

@@ -30,6 +30,9 @@ from urllib.parse import unquote, urlparse
 
 import torch
 
+from kimi_ref import moonvit
+from kimi_ref.chat_template import ChatTemplateError, render_ids, render_segments
+from kimi_ref.config import ConfigError, load_media_config
 from kimi_ref.generate import Media, expanded_length, stop_ids_for
 from kimi_ref.serve.requests import RequestError
 from kimi_ref.serve.shapes import ChatRequest
@@ -98,8 +101,6 @@ class PromptBuilder:
 
     # ---- the template ----
     def _switches(self, request: ChatRequest) -> tuple[bool, bool | None]:
-        from kimi_ref.chat_template import ChatTemplateError, render_segments
-
         thinking = True if request.thinking is None else request.thinking
         preserve = request.preserve_thinking
         if preserve is None and self.variant in VARIANT_FORCES_PRESERVE:
@@ -114,8 +115,6 @@ class PromptBuilder:
         return thinking, preserve
 
     def _render(self, request: ChatRequest, thinking: bool, preserve: bool | None, tools_on: bool) -> list[int]:
-        from kimi_ref.chat_template import ChatTemplateError, render_ids
-
         try:
             return render_ids(request.messages, self.tok, tools=request.tools if tools_on else None,
                               variant=self.variant, thinking=thinking, preserve_thinking=preserve,
@@ -142,7 +141,6 @@ class PromptBuilder:
     # ---- images ----
     def _images(self, messages: list[dict]) -> Media | None:
         """Every image part, in prompt order (the order of the ``<|media_pad|>`` tokens), preprocessed."""
-        from kimi_ref import moonvit
 
         pixels: list[torch.Tensor] = []
         grids: list[tuple[int, int, int]] = []
@@ -165,8 +163,6 @@ class PromptBuilder:
         return (torch.cat(pixels), grids) if grids else None
 
     def _media(self, where: str) -> Any:
-        from kimi_ref.config import ConfigError, load_media_config
-
         if self.config.vision is None:
             raise RequestError(f"{where}: the served checkpoint has no vision tower (its config.json has no "
                                "vision_config), so it cannot read images", where)

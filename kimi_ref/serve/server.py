@@ -20,8 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from kimi_ref.chat import default_checkpoint
+from kimi_ref.checkpoint import load_model
 from kimi_ref.generate import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P
 from kimi_ref.parallel import SINGLE, TP
+from kimi_ref.serve.engine import Engine, follow
+from kimi_ref.serve.prompt import Defaults, PromptBuilder
+from kimi_ref.tokenizer import Tokenizer
 
 __all__ = ["ServeSettings", "rank_main", "start", "BackgroundServer", "listen"]
 
@@ -66,9 +71,6 @@ def listen(host: str, port: int) -> socket.socket:
 def _build(model: Any, s: ServeSettings, tp: TP, device: str) -> tuple[Any, Any]:
     """The engine (started) and the Starlette app around it."""
     from kimi_ref.serve.app import create_app
-    from kimi_ref.serve.engine import Engine
-    from kimi_ref.serve.prompt import Defaults, PromptBuilder
-    from kimi_ref.tokenizer import Tokenizer
 
     tok = Tokenizer.from_pretrained(s.ckpt)
     limit = model.config.max_position_embeddings
@@ -96,9 +98,6 @@ def _url(sock: socket.socket) -> str:
 
 
 def rank_main(tp: TP, device: str, s: ServeSettings) -> int:
-    from kimi_ref.checkpoint import load_model
-    from kimi_ref.serve.engine import follow
-
     model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, backend=s.backend,
                        progress=tp.rank == 0 and sys.stderr.isatty())
     if tp.rank != 0:
@@ -149,8 +148,6 @@ def start(ckpt: str | Path | None = None, *, port: int = 0, model: Any = None, l
     ``model``: an already loaded model of ``ckpt`` to serve (else it is loaded here, on the CPU);
     ``settings``: any other :class:`ServeSettings` field (``variant``, ``max_queue``, ...).
     """
-    from kimi_ref.chat import default_checkpoint
-    from kimi_ref.checkpoint import load_model
 
     s = ServeSettings(ckpt=str(ckpt or default_checkpoint()), port=port, log_level=log_level, **settings)
     if model is None:

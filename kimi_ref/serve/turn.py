@@ -20,6 +20,7 @@ from typing import Any
 
 from kimi_ref.serve.shapes import (CompletionDetails, Delta, FunctionCall, FunctionDelta, Message, ToolCall,
                                    ToolCallDelta, Usage)
+from kimi_ref.tool_parsing import StreamParser
 
 __all__ = ["StopMatcher", "Turn", "Answer"]
 
@@ -66,8 +67,6 @@ class Answer:
 class Turn:
     def __init__(self, tokenizer: Any, prompt_tokens: int, stop: list[str], starts_in_reasoning: bool,
                  stop_ids: tuple[int, ...]) -> None:
-        from kimi_ref.tool_parsing import StreamParser
-
         self.parser = StreamParser(tokenizer, starts_in_reasoning=starts_in_reasoning)
         self.stop = StopMatcher(stop)
         self.stop_ids = set(stop_ids)
