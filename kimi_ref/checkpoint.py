@@ -50,9 +50,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
+from torch import nn
 
 from . import int4
 from .config import KimiConfig, load_config, read_json
+from .model import DecoderLayer, KimiForCausalLM
 from .parallel import SINGLE, TP, shard_dim, validate_tp
 
 __all__ = [
@@ -86,6 +88,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_TAGS: dict[torch.dtype, str] = {dtype: tag for tag, dtype in DTYPES.items()}
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -248,15 +251,65 @@ def _vision_tensors(config: KimiConfig) -> Iterator[tuple[str, tuple[int, ...]]]
 def expected_tensors(config: KimiConfig, include_vision: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor the checkpoint of ``config`` holds: {stored name: (shape, safetensors dtype tag)}.
 
+    Read off the model itself, so the architecture is written down once (``model.py`` and the modules
+    it builds): ``KimiForCausalLM(config)`` is built on the meta device (shapes only, no memory, no
+    initialisation), and each state-dict entry becomes a stored name through :func:`checkpoint_name`.
+    Two checkpoint rules are added on top: a text Linear that ``quantization_config`` quantizes is
+    stored INT4 (``weight_packed`` I32 [out, in/8], ``weight_scale`` BF16 [out, in/group],
+    ``weight_shape`` I32 [2]; readers also accept I64 for the last), and every floating tensor is
+    stored in the config's ``dtype`` except the ones the model keeps in fp32 (the router's
+    ``e_score_correction_bias``). 208,550 entries for K2.5 with vision; multi-token-prediction
+    layers are not listed (see :func:`is_mtp`).
+    """
+    keep = (lambda key: True) if include_vision else (lambda key: not key.startswith(VISION_PREFIXES))
+    return {checkpoint_name(key, config): spec for key, spec in _model_tensors(config).items() if keep(key)}
+
+
+@functools.lru_cache(maxsize=8)
+def _model_tensors(config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    # ~9 s for the real config (70,000 modules, each a few meta tensors); configs are frozen, so cache it.
+    dtype = DTYPES[_text_dtype(config)]
+    try:
+        with torch.device("meta"):  # even helper tensors a module makes for itself stay shapes only
+            model = KimiForCausalLM(config, dtype=dtype, device="meta")
+    except int4.Int4Error as e:
+        raise CheckpointError(str(e), config.source) from None
+    linears = {name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not name.startswith(VISION_PREFIXES)}
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        module, _, part = key.rpartition(".")
+        if part == "weight" and module in linears and is_quantized(config, module):
+            tensors.update(_int4_tensors(module, tuple(value.shape), config))
+        else:
+            tensors[key] = (tuple(value.shape), _TAGS[value.dtype])
+    return tensors
+
+
+def _int4_tensors(module: str, shape: tuple[int, ...], config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The three compressed-tensors parts a quantized Linear [out, in] is stored as (sources §7)."""
+    out_f, in_f = shape
+    group = config.quantization.group_size  # type: ignore[union-attr]
+    if in_f % group or in_f % int4.PACK_FACTOR:
+        raise CheckpointError(f"'{module}' has in_features {in_f}, not divisible by the INT4 group size {group}",
+                              config.source)
+    return {f"{module}.weight_packed": ((out_f, in_f // int4.PACK_FACTOR), "I32"),
+            f"{module}.weight_scale": ((out_f, in_f // group), "BF16"),
+            f"{module}.weight_shape": ((2,), "I32")}
+
+
+def _handwritten_expected_tensors(config: KimiConfig, include_vision: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Every tensor the checkpoint of ``config`` holds: {stored name: (shape, safetensors dtype tag)}.
+
     Generated from the config alone (208,550 entries for K2.5 with vision). Dtype tags are
     safetensors' ("BF16", "F32", "I32"); ``weight_shape`` is listed as "I32" (Kimi's files), and
     readers also accept "I64". Multi-token-prediction layers are not listed (see :func:`is_mtp`).
     """
-    return dict(_expected_cached(config, include_vision))
+    return dict(_handwritten_cached(config, include_vision))
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_cached(config: KimiConfig, include_vision: bool) -> dict[str, tuple[tuple[int, ...], str]]:
+def _handwritten_cached(config: KimiConfig, include_vision: bool) -> dict[str, tuple[tuple[int, ...], str]]:
     # ~2 s for the real config (69,609 quantization-rule matches); configs are frozen, so cache it.
     dtype = _text_dtype(config)
     flat: dict[str, tuple[tuple[int, ...], str]] = {}
@@ -729,8 +782,6 @@ def load_model(
     process's place in tensor parallelism (loading needs no process group). The model is built on
     the meta device and only what this rank loads is materialized on ``device``.
     """
-    from .model import KimiForCausalLM
-
     device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     ckpt.raise_if_problems()
@@ -770,8 +821,6 @@ def load_layer(
     partial sum over the loaded experts that tokens are routed to (the router still scores all of them).
     Call it as the model calls its layers (see ``kimi_ref.model``).
     """
-    from .model import DecoderLayer
-
     device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     config = ckpt.config

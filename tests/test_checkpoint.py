@@ -669,3 +669,27 @@ def test_chapter_08_solutions(k25_config, tiny_dirs):
 
     assert sol.rank_read_bytes(k25_config, 8, 3) == sum(weight_bytes(k25_config, 8).values())
     assert sum(sol.rank_read_bytes(cfg, 2, r) for r in range(2)) > sol.rank_read_bytes(cfg, 1)
+
+
+# ---- the tensor list comes from the model --------------------------------------------------------------
+
+
+def _variants():
+    """Every fixture config, full size and tiny, plus tiny ones that flip each switch the list depends on."""
+    real = [load_config(fixture_path(n)) for n in ("kimi_k25", "kimi_k2_thinking")]
+    tiny = [mt.tiny_checkpoint_config(layout) for layout in ("kimi_k25", "flat")]
+    t = tiny[0]
+    q = t.quantization
+    flipped = [
+        t.replace(attention_bias=True), t.replace(q_lora_rank=None), t.replace(tie_word_embeddings=True),
+        t.replace(n_shared_experts=0), t.replace(n_shared_experts=2), t.replace(dtype="float16"), t.replace(dtype=None),
+        t.replace(first_k_dense_replace=5), t.replace(moe_layer_freq=2), t.replace(quantization=None),
+        t.replace(quantization=dataclasses.replace(q, ignore=tuple(r for r in q.ignore if "shared" not in r))),
+        t.replace(v_head_dim=24), tiny[1].replace(attention_bias=True),
+    ]
+    return real + tiny + flipped
+
+
+def test_expected_tensors_from_the_model_equal_the_handwritten_list():
+    for cfg in _variants():
+        assert expected_tensors(cfg) == checkpoint._handwritten_expected_tensors(cfg), cfg.source
