@@ -32,6 +32,7 @@ from kimi_ref import checkpoint, int4
 from kimi_ref.checkpoint import (INDEX_FILE, Checkpoint, CheckpointError, checkpoint_name, expected_tensors, flat_name,
                                  load_layer, load_model, rank_slice, rank_tensors, read_header)
 from kimi_ref.config import fixture_path, load_config
+from kimi_ref.oracle import checkpoint as oracle_checkpoint
 from kimi_ref.oracle import forward as oracle_forward
 from kimi_ref.oracle import int4 as oracle_int4
 from kimi_ref.parallel import TP, TPError
@@ -690,6 +691,44 @@ def _variants():
     return real + tiny + flipped
 
 
-def test_expected_tensors_from_the_model_equal_the_handwritten_list():
+def test_expected_tensors_equal_the_oracles_independent_list():
+    """The torch list (read off the model) against the oracle's (written from the equations): every text
+    tensor's shape, INT4 parts folded back into the Linear they store, and each tensor's dtype by the
+    checkpoint rules (I32 packed words and shapes, BF16 scales, F32 router bias, the config dtype else)."""
     for cfg in _variants():
-        assert expected_tensors(cfg) == checkpoint._handwritten_expected_tensors(cfg), cfg.source
+        declared = {None: "BF16", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}[cfg.dtype]
+        dense: dict[str, tuple[int, ...]] = {}
+        for name, (shape, tag) in expected_tensors(cfg, include_vision=False).items():
+            key = flat_name(name, cfg)
+            module, _, part = key.rpartition(".")
+            want = {"weight_packed": "I32", "weight_shape": "I32", "weight_scale": "BF16"}.get(part, declared)
+            if part == "e_score_correction_bias":
+                want = "F32"
+            assert tag == want, f"{cfg.source}: {name} is {tag}, expected {want}"
+            if part == "weight_packed":
+                dense[module + ".weight"] = (shape[0], shape[1] * int4.PACK_FACTOR)
+            elif part not in ("weight_scale", "weight_shape"):
+                dense[key] = shape
+        assert dense == oracle_checkpoint.expected_tensors(cfg), cfg.source
+
+
+def test_expected_tensors_build_the_model_on_meta_only():
+    """No real tensor is made while listing (no memory, no init work): every op stays on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class RealTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+            return out
+
+    cfg = mt.tiny_checkpoint_config("kimi_k25").replace(num_hidden_layers=2)  # a config no other test has cached
+    seen = RealTensors()
+    with seen:
+        listed = expected_tensors(cfg)
+    assert seen.ops == [] and len(listed) > 0
