@@ -262,6 +262,9 @@ def _digest() -> str:
              DATA / "configs" / "kimi_k25_preprocessor_config.json", Path(kimi_ref.__file__).parent / "config.py",
              Path(kimi_ref.__file__).parent / "checkpoint.py", Path(kimi_ref.__file__).parent / "int4.py",
              Path(kimi_ref.__file__).parent / "checkpoint_chat.py",
+             # the tensor list is read off the model these files build (checkpoint.expected_tensors)
+             *(Path(kimi_ref.__file__).parent / f for f in ("model.py", "mla.py", "experts.py", "router.py", "norms.py",
+                                                           "moonvit.py")),
              *(DATA / "tokenizer" / f for f in TOKENIZER_FILES)]
     h = hashlib.sha256()
     for p in parts:
