@@ -13,7 +13,7 @@ layer in the model dtype; "x61" multiplies by the real layer count.
 **Model table** (issue 2's target: kimi_ref decode >= 2x HF on CPU). kimi_ref's ``KimiForCausalLM``
 (absorbed MLA, its preallocated ``KVCache``) and transformers' ``DeepseekV3ForCausalLM`` (its defaults,
 ``use_cache=True`` with a ``DynamicCache``) hold the same random weights, loaded into HF with the
-mapping ``tests/test_hf_peer.py`` proves logit-exact (imported from there). Routed experts are dense
+mapping ``tests/test_hf_peer.py`` proves logit-exact (``weights_tools.hf_peer.hf_twin``). Routed experts are dense
 fp32 ``nn.Linear`` on both sides (``config.replace(quantization=None)``) so both run the same math.
 Configs: "tiny" = ``tiny_config`` of the kimi_k25 fixture (vocab 4096); "medium" = d 1024, 4 layers,
 8 heads with K2.5's head dims, 64 experts top-8, every K2.5 behaviour flag kept. Prefill is one
@@ -25,16 +25,15 @@ it (fixed random ids, the same for both). fp32, ``torch.inference_mode``, one wa
 from __future__ import annotations
 
 import argparse
-import importlib
-import sys
 import time
-from pathlib import Path
 
 import torch
 
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.mla import MLA
 from kimi_ref.parallel import TP
+from weights_tools.hf_peer import hf_twin
+from weights_tools.make_tiny import random_model
 
 
 def build(config, mode: str, dtype: torch.dtype, device: str, tp: TP) -> MLA:
@@ -86,17 +85,6 @@ def measure(config, mode: str, args, tp: TP) -> dict:
 
 # ---- whole model: kimi_ref vs HF DeepseekV3 -----------------------------------------------------------
 
-TESTS = Path(__file__).resolve().parents[1] / "tests"
-
-
-def hf_peer_helpers():
-    """``tests/test_hf_peer.py``'s config and weight mapping (and ``test_model.random_model``), imported as
-    they are: the tests prove that mapping gives HF our logits, so the benchmark reuses it, not a copy."""
-    if str(TESTS) not in sys.path:
-        sys.path.insert(0, str(TESTS))  # test_hf_peer imports its neighbours (tolerances, test_model) by name
-    return importlib.import_module("test_hf_peer"), importlib.import_module("test_model")
-
-
 def model_configs(real) -> dict:
     """The two CPU configs of the model table, both with dense (non-quantized) routed experts."""
     tiny = tiny_config(real, vocab_size=4096, vision=False)
@@ -127,15 +115,12 @@ def hf_cache_bytes_per_token(cache, tokens: int) -> int:
 
 
 @torch.inference_mode()
-def measure_model(name: str, config, args, peer, test_model) -> dict:
-    from transformers import DynamicCache, DeepseekV3ForCausalLM
+def measure_model(name: str, config, args) -> dict:
+    from transformers import DynamicCache
 
     t0 = time.perf_counter()
-    ours = test_model.random_model(config, seed=0)  # random weights, norms away from 1, non-zero router bias
-    theirs = DeepseekV3ForCausalLM._from_config(peer.hf_config(config), dtype=torch.float32).eval()
-    missing, unexpected = theirs.load_state_dict(peer.hf_state_dict(ours), strict=False)
-    if missing or unexpected:
-        raise RuntimeError(f"{name}: HF weights not fully mapped: missing {missing}, unexpected {unexpected}")
+    ours = random_model(config, seed=0)  # random weights, norms away from 1, non-zero router bias
+    theirs = hf_twin(ours, dtype=torch.float32)  # raises unless every tensor is mapped
     build_s = time.perf_counter() - t0
 
     g = torch.Generator().manual_seed(1)
@@ -185,7 +170,6 @@ def measure_model(name: str, config, args, peer, test_model) -> dict:
 def model_table(args, real) -> None:
     import transformers
 
-    peer, test_model = hf_peer_helpers()
     configs = model_configs(real)
     if args.only_model:
         configs = {args.only_model: configs[args.only_model]}
@@ -200,7 +184,7 @@ def model_table(args, real) -> None:
     print("|" + "|".join("-" * len(c) for c in header.split("|")[1:-1]) + "|")
     notes = []
     for name, config in configs.items():
-        m = measure_model(name, config, args, peer, test_model)
+        m = measure_model(name, config, args)
         r = m["rows"]
         speed = r["kimi_ref"]["decode tok/s"] / r["HF"]["decode tok/s"]
         cache = r["HF"]["cache B/token"] / r["kimi_ref"]["cache B/token"]

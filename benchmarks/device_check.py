@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "benchmarks")]  # a checkout, no install needed
+sys.path[:0] = [str(REPO), str(REPO / "benchmarks")]  # a checkout, no install needed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -73,8 +73,6 @@ if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported: the kernels are jitted for the interpreter
 
 import bench_kernels as BK  # noqa: E402  (its import pulls in the kernels, so after TRITON_INTERPRET)
-from tolerances import assert_close  # noqa: E402  (tests/tolerances.py: the tests' judge)
-
 import kimi_ref  # noqa: E402
 from kimi_ref import int4  # noqa: E402
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config  # noqa: E402
@@ -88,7 +86,7 @@ from kimi_ref.oracle import mla as o_mla  # noqa: E402
 from kimi_ref.oracle import norms as o_norms  # noqa: E402
 from kimi_ref.oracle import rope as o_rope  # noqa: E402
 from kimi_ref.rope import RotaryEmbedding  # noqa: E402
-from kimi_ref.tolerances import RTOL, rel_error, smallest_normal  # noqa: E402
+from kimi_ref.tolerances import RTOL, assert_close, rel_error, smallest_normal  # noqa: E402
 from weights_tools.make_tiny import TINY_VOCAB, random_tensors, write_checkpoint  # noqa: E402
 from weights_tools.safe_write import OutputError, check_file, write_text  # noqa: E402
 

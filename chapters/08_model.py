@@ -67,7 +67,8 @@ for key in ("model.embed_tokens.weight", "model.layers.1.mlp.experts.3.up_proj.w
 
 # %% [markdown]
 # The list of tensors a checkpoint must hold is **generated from config.json**
-# (`checkpoint.expected_tensors`): for the real K2.5 config it is exactly the 208,550 tensors of the
+# (`checkpoint.expected_tensors` builds the model above on the meta device, shapes without memory,
+# and reads its state dict): for the real K2.5 config it is exactly the 208,550 tensors of the
 # public dump (sources §5). Most of them are routed-expert INT4 triples; most of the *bytes* too.
 
 # %%

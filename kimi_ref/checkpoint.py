@@ -47,12 +47,14 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 import torch
+from torch import nn
 
 from . import int4
 from .config import KimiConfig, load_config, read_json
+from .model import DecoderLayer, KimiForCausalLM
 from .parallel import SINGLE, TP, shard_dim, validate_tp
 
 __all__ = [
@@ -86,6 +88,7 @@ DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8, "BOOL": torch.bool,
 }
 ITEMSIZE: dict[str, int] = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_TAGS: dict[torch.dtype, str] = {dtype: tag for tag, dtype in DTYPES.items()}
 _CONFIG_DTYPES = {"bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 
 
@@ -176,112 +179,56 @@ def is_quantized(config: KimiConfig, module: str) -> bool:
     return config.quantization is not None and config.quantization.is_quantized(module)
 
 
-def _text_modules(config: KimiConfig) -> Iterator[tuple[str, str, tuple[int, ...], bool]]:
-    """(kind, name, shape, has_bias) of every text tensor group: kind "linear" (name = module, shape
-    = (out, in)), "param" (name = full key), "fp32" (full key, always float32)."""
-    d, h = config.hidden_size, config.num_attention_heads
-    nope, rope, v, c = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
-    bias = config.attention_bias
-
-    def swiglu(prefix: str, width: int) -> Iterator[tuple[str, str, tuple[int, ...], bool]]:
-        yield "linear", prefix + "gate_proj", (width, d), False
-        yield "linear", prefix + "up_proj", (width, d), False
-        yield "linear", prefix + "down_proj", (d, width), False
-
-    yield "param", "model.embed_tokens.weight", (config.vocab_size, d), False
-    for layer in range(config.num_hidden_layers):
-        p = f"model.layers.{layer}."
-        yield "param", p + "input_layernorm.weight", (d,), False
-        yield "param", p + "post_attention_layernorm.weight", (d,), False
-        a = p + "self_attn."
-        # Bias placement follows DeepSeek-V3: q_a/kv_a/o_proj take attention_bias; q_b/kv_b/q_proj never.
-        if config.q_lora_rank is None:
-            yield "linear", a + "q_proj", (h * (nope + rope), d), False
-        else:
-            yield "linear", a + "q_a_proj", (config.q_lora_rank, d), bias
-            yield "param", a + "q_a_layernorm.weight", (config.q_lora_rank,), False
-            yield "linear", a + "q_b_proj", (h * (nope + rope), config.q_lora_rank), False
-        yield "linear", a + "kv_a_proj_with_mqa", (c + rope, d), bias
-        yield "param", a + "kv_a_layernorm.weight", (c,), False
-        yield "linear", a + "kv_b_proj", (h * (nope + v), c), False
-        yield "linear", a + "o_proj", (d, h * v), bias
-        if config.is_moe_layer(layer):
-            yield "param", p + "mlp.gate.weight", (config.n_routed_experts, d), False
-            yield "fp32", p + "mlp.gate.e_score_correction_bias", (config.n_routed_experts,), False
-            if config.n_shared_experts > 0:
-                yield from swiglu(p + "mlp.shared_experts.", config.moe_intermediate_size * config.n_shared_experts)
-            for e in range(config.n_routed_experts):
-                yield from swiglu(f"{p}mlp.experts.{e}.", config.moe_intermediate_size)
-        else:
-            yield from swiglu(p + "mlp.", config.intermediate_size)
-    yield "param", "model.norm.weight", (d,), False
-    if not config.tie_word_embeddings:
-        yield "linear", "lm_head", (config.vocab_size, d), False
-
-
-def _vision_tensors(config: KimiConfig) -> Iterator[tuple[str, tuple[int, ...]]]:
-    """MoonViT tower + patch-merger projector (sources §3, §5): 329 + 6 tensors for K2.5, all bias-carrying."""
-    vc = config.vision
-    if vc is None:
-        return
-    w, i, p = vc.hidden_size, vc.intermediate_size, vc.patch_size
-    yield "vision_tower.patch_embed.proj.weight", (w, 3, p, p)
-    yield "vision_tower.patch_embed.proj.bias", (w,)
-    yield "vision_tower.patch_embed.pos_emb.weight", (vc.init_pos_emb_height, vc.init_pos_emb_width, w)
-    for b in range(vc.num_hidden_layers):
-        q = f"vision_tower.encoder.blocks.{b}."
-        for name, shape in (("norm0", (w,)), ("wqkv", (3 * w, w)), ("wo", (w, w)), ("norm1", (w,)),
-                            ("mlp.fc0", (i, w)), ("mlp.fc1", (w, i))):
-            yield q + name + ".weight", shape
-            yield q + name + ".bias", shape[:1]
-    yield "vision_tower.encoder.final_layernorm.weight", (w,)
-    yield "vision_tower.encoder.final_layernorm.bias", (w,)
-    merged = vc.mm_hidden_size * vc.merge_kernel_size[0] * vc.merge_kernel_size[1]
-    yield "mm_projector.pre_norm.weight", (vc.mm_hidden_size,)
-    yield "mm_projector.pre_norm.bias", (vc.mm_hidden_size,)
-    yield "mm_projector.proj.0.weight", (merged, merged)
-    yield "mm_projector.proj.0.bias", (merged,)
-    yield "mm_projector.proj.2.weight", (vc.text_hidden_size, merged)
-    yield "mm_projector.proj.2.bias", (vc.text_hidden_size,)
-
-
 def expected_tensors(config: KimiConfig, include_vision: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor the checkpoint of ``config`` holds: {stored name: (shape, safetensors dtype tag)}.
 
-    Generated from the config alone (208,550 entries for K2.5 with vision). Dtype tags are
-    safetensors' ("BF16", "F32", "I32"); ``weight_shape`` is listed as "I32" (Kimi's files), and
-    readers also accept "I64". Multi-token-prediction layers are not listed (see :func:`is_mtp`).
+    Read off the model itself, so the architecture is written down once (``model.py`` and the modules
+    it builds): ``KimiForCausalLM(config)`` is built on the meta device (shapes only, no memory, no
+    initialisation), and each state-dict entry becomes a stored name through :func:`checkpoint_name`.
+    Two checkpoint rules are added on top: a text Linear that ``quantization_config`` quantizes is
+    stored INT4 (``weight_packed`` I32 [out, in/8], ``weight_scale`` BF16 [out, in/group],
+    ``weight_shape`` I32 [2]; readers also accept I64 for the last) — the model builds its routed
+    experts that way already, and the rule also covers a config that quantizes a Linear the model
+    keeps dense (which then fails to load, naming the tensor) — and every floating tensor is
+    stored in the config's ``dtype`` except the ones the model keeps in fp32 (the router's
+    ``e_score_correction_bias``). 208,550 entries for K2.5 with vision; multi-token-prediction
+    layers are not listed (see :func:`is_mtp`).
     """
-    return dict(_expected_cached(config, include_vision))
+    keep = (lambda key: True) if include_vision else (lambda key: not key.startswith(VISION_PREFIXES))
+    return {checkpoint_name(key, config): spec for key, spec in _model_tensors(config).items() if keep(key)}
 
 
 @functools.lru_cache(maxsize=8)
-def _expected_cached(config: KimiConfig, include_vision: bool) -> dict[str, tuple[tuple[int, ...], str]]:
-    # ~2 s for the real config (69,609 quantization-rule matches); configs are frozen, so cache it.
-    dtype = _text_dtype(config)
-    flat: dict[str, tuple[tuple[int, ...], str]] = {}
-    for kind, name, shape, bias in _text_modules(config):
-        if kind == "param":
-            flat[name] = (shape, dtype)
-        elif kind == "fp32":
-            flat[name] = (shape, "F32")  # the router's correction bias is kept in fp32 (sources §5)
-        elif is_quantized(config, name):
-            out_f, in_f = shape
-            group = config.quantization.group_size  # type: ignore[union-attr]
-            if in_f % group or in_f % int4.PACK_FACTOR:
-                raise CheckpointError(f"'{name}' has in_features {in_f}, not divisible by the INT4 group size {group}",
-                                      config.source)
-            flat[f"{name}.weight_packed"] = ((out_f, in_f // int4.PACK_FACTOR), "I32")
-            flat[f"{name}.weight_scale"] = ((out_f, in_f // group), "BF16")
-            flat[f"{name}.weight_shape"] = ((2,), "I32")
+def _model_tensors(config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    # ~9 s for the real config (70,000 modules, each a few meta tensors); configs are frozen, so cache it.
+    dtype = DTYPES[_text_dtype(config)]
+    try:
+        with torch.device("meta"):  # even helper tensors a module makes for itself stay shapes only
+            model = KimiForCausalLM(config, dtype=dtype, device="meta")
+    except int4.Int4Error as e:
+        raise CheckpointError(str(e), config.source) from None
+    linears = {name for name, m in model.named_modules()
+               if isinstance(m, nn.Linear) and not name.startswith(VISION_PREFIXES)}
+    tensors: dict[str, tuple[tuple[int, ...], str]] = {}
+    for key, value in model.state_dict(keep_vars=True).items():
+        module, _, part = key.rpartition(".")
+        if part == "weight" and module in linears and is_quantized(config, module):
+            tensors.update(_int4_tensors(module, tuple(value.shape), config))
         else:
-            flat[f"{name}.weight"] = (shape, dtype)
-        if bias:
-            flat[f"{name}.bias"] = (shape[:1], dtype)
-    if include_vision:
-        for name, shape in _vision_tensors(config):
-            flat[name] = (shape, dtype)
-    return {checkpoint_name(key, config): spec for key, spec in flat.items()}
+            tensors[key] = (tuple(value.shape), _TAGS[value.dtype])
+    return tensors
+
+
+def _int4_tensors(module: str, shape: tuple[int, ...], config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The three compressed-tensors parts a quantized Linear [out, in] is stored as (sources §7)."""
+    out_f, in_f = shape
+    group = config.quantization.group_size  # type: ignore[union-attr]
+    if in_f % group or in_f % int4.PACK_FACTOR:
+        raise CheckpointError(f"'{module}' has in_features {in_f}, not divisible by the INT4 group size {group}",
+                              config.source)
+    return {f"{module}.weight_packed": ((out_f, in_f // int4.PACK_FACTOR), "I32"),
+            f"{module}.weight_scale": ((out_f, in_f // group), "BF16"),
+            f"{module}.weight_shape": ((2,), "I32")}
 
 
 def _expert_of(key: str) -> int | None:
@@ -729,8 +676,6 @@ def load_model(
     process's place in tensor parallelism (loading needs no process group). The model is built on
     the meta device and only what this rank loads is materialized on ``device``.
     """
-    from .model import KimiForCausalLM
-
     device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     ckpt.raise_if_problems()
@@ -770,8 +715,6 @@ def load_layer(
     partial sum over the loaded experts that tokens are routed to (the router still scores all of them).
     Call it as the model calls its layers (see ``kimi_ref.model``).
     """
-    from .model import DecoderLayer
-
     device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     config = ckpt.config

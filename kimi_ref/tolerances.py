@@ -15,8 +15,9 @@ own bf16 inputs: its fp32 insides may add float32's error, and its result is rou
 ``RTOL[float32] + 2⁻⁸``. An op that accumulates in bf16 rounds once per term and lands past it; the
 whole-model row (2e-2) could never tell the two apart.
 
-The tests use this table through ``tests/tolerances.py`` (``assert_close``); the trace diff tool
-(``python -m weights_tools.diff``) marks the first activation past its row. ``ulp_distance`` counts
+:func:`assert_close` judges by it: every equivalence test (through ``tests/tolerances.py``) and the
+device check (``benchmarks/device_check.py``); the trace diff tool (``python -m weights_tools.diff``)
+marks the first activation past its row. ``ulp_distance`` counts
 representable numbers of a dtype between two tensors (0: the same bits).
 """
 
@@ -25,7 +26,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["RTOL", "BF16_OP", "rel_error", "smallest_normal", "ulp_distance", "row_dtype", "PRECISION_ORDER"]
+__all__ = ["RTOL", "BF16_OP", "rel_error", "smallest_normal", "ulp_distance", "row_dtype", "PRECISION_ORDER",
+           "assert_close"]
 
 BF16_OP = "bf16 op"
 
@@ -98,3 +100,29 @@ def ulp_distance(actual, expected, dtype) -> np.ndarray:
     same_special = ~finite & ((a == e) | (torch.isnan(a) & torch.isnan(e)))
     dist = torch.where(finite, dist, torch.where(same_special, 0, torch.iinfo(torch.int64).max))
     return dist.numpy()
+
+
+def assert_close(actual, expected, dtype=None, *, what: str = "result") -> None:
+    """Raise AssertionError unless ``actual`` (computed in ``dtype``, default: its own dtype) matches ``expected``
+    by the table: same shape, NaN/inf at the same places, relative L-inf error within the row."""
+    if dtype is None:
+        dtype = actual.dtype if isinstance(actual, torch.Tensor) else torch.float64
+    rtol = RTOL[dtype]
+    a, e = _as_f64(actual), _as_f64(expected)
+    if a.shape != e.shape:
+        raise AssertionError(f"{what}: shape {a.shape} != expected {e.shape}")
+    for name, test in (("NaN", np.isnan), ("+inf", np.isposinf), ("-inf", np.isneginf)):
+        mismatch = test(a) != test(e)
+        if mismatch.any():
+            raise AssertionError(f"{what}: {name} positions differ, first at {np.argwhere(mismatch)[0].tolist()}")
+    # A result whose every value is subnormal in `dtype` (hypothesis finds such inputs) is judged against
+    # the smallest normal number instead: relative error means nothing where the dtype has no mantissa left.
+    err = rel_error(a, e, floor=smallest_normal(dtype))
+    if err > rtol:
+        finite = np.isfinite(e)
+        diff = np.where(finite, np.abs(a - e), 0.0)
+        where = np.unravel_index(int(np.argmax(diff)), diff.shape)
+        raise AssertionError(
+            f"{what}: relative L-inf error {err:.3e} > {rtol:.1e} allowed for {dtype}; "
+            f"worst at {list(map(int, where))}: {a[where]!r} vs {e[where]!r}"
+        )

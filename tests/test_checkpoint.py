@@ -32,6 +32,7 @@ from kimi_ref import checkpoint, int4
 from kimi_ref.checkpoint import (INDEX_FILE, Checkpoint, CheckpointError, checkpoint_name, expected_tensors, flat_name,
                                  load_layer, load_model, rank_slice, rank_tensors, read_header)
 from kimi_ref.config import fixture_path, load_config
+from kimi_ref.oracle import checkpoint as oracle_checkpoint
 from kimi_ref.oracle import forward as oracle_forward
 from kimi_ref.oracle import int4 as oracle_int4
 from kimi_ref.parallel import TP, TPError
@@ -669,3 +670,65 @@ def test_chapter_08_solutions(k25_config, tiny_dirs):
 
     assert sol.rank_read_bytes(k25_config, 8, 3) == sum(weight_bytes(k25_config, 8).values())
     assert sum(sol.rank_read_bytes(cfg, 2, r) for r in range(2)) > sol.rank_read_bytes(cfg, 1)
+
+
+# ---- the tensor list comes from the model --------------------------------------------------------------
+
+
+def _variants():
+    """Every fixture config, full size and tiny, plus tiny ones that flip each switch the list depends on."""
+    real = [load_config(fixture_path(n)) for n in ("kimi_k25", "kimi_k2_thinking")]
+    tiny = [mt.tiny_checkpoint_config(layout) for layout in ("kimi_k25", "flat")]
+    t = tiny[0]
+    q = t.quantization
+    flipped = [
+        t.replace(attention_bias=True), t.replace(q_lora_rank=None), t.replace(tie_word_embeddings=True),
+        t.replace(n_shared_experts=0), t.replace(n_shared_experts=2), t.replace(dtype="float16"), t.replace(dtype=None),
+        t.replace(first_k_dense_replace=5), t.replace(moe_layer_freq=2), t.replace(quantization=None),
+        t.replace(quantization=dataclasses.replace(q, ignore=tuple(r for r in q.ignore if "shared" not in r))),
+        t.replace(v_head_dim=24), tiny[1].replace(attention_bias=True),
+    ]
+    return real + tiny + flipped
+
+
+def test_expected_tensors_equal_the_oracles_independent_list():
+    """The torch list (read off the model) against the oracle's (written from the equations): every text
+    tensor's shape, INT4 parts folded back into the Linear they store, and each tensor's dtype by the
+    checkpoint rules (I32 packed words and shapes, BF16 scales, F32 router bias, the config dtype else)."""
+    for cfg in _variants():
+        declared = {None: "BF16", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}[cfg.dtype]
+        dense: dict[str, tuple[int, ...]] = {}
+        for name, (shape, tag) in expected_tensors(cfg, include_vision=False).items():
+            key = flat_name(name, cfg)
+            module, _, part = key.rpartition(".")
+            want = {"weight_packed": "I32", "weight_shape": "I32", "weight_scale": "BF16"}.get(part, declared)
+            if part == "e_score_correction_bias":
+                want = "F32"
+            assert tag == want, f"{cfg.source}: {name} is {tag}, expected {want}"
+            if part == "weight_packed":
+                dense[module + ".weight"] = (shape[0], shape[1] * int4.PACK_FACTOR)
+            elif part not in ("weight_scale", "weight_shape"):
+                dense[key] = shape
+        assert dense == oracle_checkpoint.expected_tensors(cfg), cfg.source
+
+
+def test_expected_tensors_build_the_model_on_meta_only():
+    """No real tensor is made while listing (no memory, no init work): every op stays on the meta device."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class RealTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+            return out
+
+    cfg = mt.tiny_checkpoint_config("kimi_k25").replace(num_hidden_layers=2)  # a config no other test has cached
+    seen = RealTensors()
+    with seen:
+        listed = expected_tensors(cfg)
+    assert seen.ops == [] and len(listed) > 0

@@ -12,12 +12,12 @@ import torch
 from hypothesis import given, settings, strategies as st
 from tolerances import assert_close
 
-from test_model import FIXTURES, VOCAB, random_model, tiny
+from test_model import FIXTURES, VOCAB, tiny
+from weights_tools.make_tiny import random_model
 
 transformers = pytest.importorskip("transformers")
-from transformers import DeepseekV3ForCausalLM  # noqa: E402
 
-from weights_tools.hf_peer import hf_config, hf_state_dict  # noqa: E402
+from weights_tools.hf_peer import hf_twin  # noqa: E402
 
 
 _PEERS: dict = {}
@@ -27,10 +27,7 @@ def peer_pair(name: str, **tiny_kw):
     key = (name, tuple(sorted(tiny_kw.items())))
     if key not in _PEERS:
         ours = random_model(tiny(name, **tiny_kw), seed=7 + len(_PEERS))
-        theirs = DeepseekV3ForCausalLM._from_config(hf_config(ours.config), attn_implementation="eager").eval()
-        missing, unexpected = theirs.load_state_dict(hf_state_dict(ours), strict=False)
-        assert not unexpected, f"our names HF does not know: {unexpected}"
-        assert not missing, f"HF tensors we did not fill: {missing}"
+        theirs = hf_twin(ours, attn_implementation="eager")  # raises unless every tensor finds its counterpart
         _PEERS[key] = (ours, theirs)
     return _PEERS[key]
 

@@ -14,6 +14,7 @@ from kimi_ref.int4 import W4A16Linear
 from kimi_ref.experts import DenseMLP
 from kimi_ref.model import DecoderLayer, KimiForCausalLM
 from kimi_ref.oracle import model as oracle
+from weights_tools.make_tiny import random_model
 
 FIXTURES = ("kimi_k25", "kimi_k2_thinking")
 REAL = {name: load_config(fixture_path(name)) for name in FIXTURES}
@@ -23,23 +24,6 @@ VOCAB = 256
 def tiny(name: str, **kw):
     kw.setdefault("vocab_size", VOCAB)
     return tiny_config(REAL[name], **kw)
-
-
-def random_model(config, seed: int = 0, dtype=torch.float32, **kw) -> KimiForCausalLM:
-    """A model with random weights: every norm weight away from 1, a non-zero router bias, INT4 experts."""
-    torch.manual_seed(seed)
-    model = KimiForCausalLM(config, dtype=dtype, **kw)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight") or "layernorm" in name:
-                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
-            if name == "vision_tower.patch_embed.pos_emb.weight":  # moonvit leaves it uninitialized (torch.empty)
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    return model.eval()
 
 
 def oracle_weights(model: torch.nn.Module) -> dict[str, np.ndarray]:

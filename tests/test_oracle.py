@@ -127,7 +127,7 @@ def random_weights(c: KimiConfig, seed: int) -> dict[str, np.ndarray]:
     """Random float64 weights for every tensor the config implies (for oracle-only invariants)."""
     rng = np.random.default_rng(seed)
     out = {}
-    for name, shape in checkpoint.expected_shapes(c).items():
+    for name, shape in checkpoint.expected_tensors(c).items():
         if name.endswith("embed_tokens.weight"):
             out[name] = rng.standard_normal(shape)
         elif name.endswith("e_score_correction_bias"):
@@ -613,7 +613,7 @@ _NO_TORCH_SCRIPT = textwrap.dedent('''
                     moe_intermediate_size=32, vision=False)
     rng = np.random.default_rng(0)
     tensors = {}
-    for name, shape in checkpoint.expected_shapes(c).items():
+    for name, shape in checkpoint.expected_tensors(c).items():
         w = rng.standard_normal(shape) * 0.2
         if ".mlp.experts." in name:
             packed, scale = int4.quantize(w.astype(np.float32))

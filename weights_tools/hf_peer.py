@@ -2,6 +2,7 @@
 
     hf_config(config: KimiConfig) -> DeepseekV3Config
     hf_state_dict(model: KimiForCausalLM) -> dict[str, Tensor]      our flat names → HF's in-memory names
+    hf_twin(model: KimiForCausalLM, **kw) -> DeepseekV3ForCausalLM  HF's model holding our model's weights
     hf_model(path, dtype) -> DeepseekV3ForCausalLM                  a checkpoint directory, run by HF
 
 Our config maps to ``DeepseekV3Config`` with YaRN as transformers-5 ``rope_parameters`` and
@@ -24,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["PeerError", "hf_config", "hf_state_dict", "hf_model", "loads_natively"]
+__all__ = ["PeerError", "hf_config", "hf_state_dict", "hf_twin", "hf_model", "loads_natively"]
 
 
 class PeerError(RuntimeError):
@@ -91,6 +92,19 @@ def hf_state_dict(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def hf_twin(model, **kw):
+    """HF's ``DeepseekV3ForCausalLM`` (eval mode) holding ``model``'s text weights through :func:`hf_state_dict`;
+    every tensor on each side must find its counterpart. ``kw`` goes to ``_from_config`` (e.g.
+    ``attn_implementation``, ``dtype``)."""
+    transformers = _transformers()
+    theirs = transformers.DeepseekV3ForCausalLM._from_config(hf_config(model.config), **kw)
+    missing, unexpected = theirs.load_state_dict(hf_state_dict(model), strict=False)
+    if missing or unexpected:
+        raise PeerError(f"{model.config.source}: HF's DeepseekV3 does not take this model's tensors (HF-only: "
+                        f"{missing[:5]}, ours only: {unexpected[:5]})")
+    return theirs.eval()
+
+
 def loads_natively(path: str | Path) -> bool:
     """Can HF's ``from_pretrained`` read this directory as it is (flat ``deepseek_v3``, no quantization)?"""
     try:
@@ -110,9 +124,4 @@ def hf_model(path: str | Path, dtype: torch.dtype = torch.float32):
     import kimi_ref
 
     ours = kimi_ref.load_model(path, device="cpu", dtype=torch.float32, progress=False)
-    theirs = cls._from_config(hf_config(ours.config), **kw)
-    missing, unexpected = theirs.load_state_dict(hf_state_dict(ours), strict=False)
-    if missing or unexpected:
-        raise PeerError(f"{path}: HF's DeepseekV3 does not take this model's tensors (HF-only: {missing[:5]}, "
-                        f"ours only: {unexpected[:5]})")
-    return theirs.to(dtype).eval()
+    return hf_twin(ours, **kw).to(dtype)

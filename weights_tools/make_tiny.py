@@ -46,12 +46,13 @@ from kimi_ref.chat_template import VARIANTS
 from kimi_ref.checkpoint import INDEX_FILE, ITEMSIZE, expected_tensors, flat_name, is_quantized
 from kimi_ref.checkpoint_chat import VARIANT_FIELD
 from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
+from kimi_ref.model import KimiForCausalLM
 
 from ._cli import FAILURE, INTERRUPTED, USAGE, fail
 from .safe_write import OutputError, check_dir, write_dir
 
 __all__ = ["TINY_VOCAB", "LAYOUTS", "MakeTinyError", "tiny_checkpoint_config", "make_tiny", "write_checkpoint", "checkpoint_tensors",
-           "random_tensors",
+           "random_tensors", "random_model",
            "tiny_checkpoint", "shard_plan", "main"]
 
 TINY_VOCAB = 4096  # the demo tokenizer: 3840 BPE ranks + 256 special slots
@@ -154,6 +155,25 @@ def random_tensors(config: KimiConfig, seed: int = 0) -> dict[str, torch.Tensor]
     return checkpoint_tensors(config, lambda key, shape: _init(key, shape, seed))
 
 
+def random_model(config: KimiConfig, seed: int = 0, dtype: torch.dtype = torch.float32, **kw) -> KimiForCausalLM:
+    """A model in memory with random weights (no checkpoint): torch's init, then every norm weight moved
+    away from 1 and a non-zero router bias, so neither can hide a bug; INT4 experts where the config
+    says. ``kw`` goes to ``KimiForCausalLM`` (e.g. ``mla_mode``). The tests and the HF benchmark use it."""
+    torch.manual_seed(seed)
+    model = KimiForCausalLM(config, dtype=dtype, **kw)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            if name == "vision_tower.patch_embed.pos_emb.weight":  # a fresh table of its own scale
+                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    return model.eval()
+
+
 def make_tiny(out: str | Path, layout: str = "kimi_k25", seed: int = 0, *, force: bool = False,
               tokenizer: bool = True, variant: str | None = None) -> Path:
     """Write the tiny checkpoint as directory ``out`` (created; if it exists it must be empty, or
@@ -242,6 +262,9 @@ def _digest() -> str:
              DATA / "configs" / "kimi_k25_preprocessor_config.json", Path(kimi_ref.__file__).parent / "config.py",
              Path(kimi_ref.__file__).parent / "checkpoint.py", Path(kimi_ref.__file__).parent / "int4.py",
              Path(kimi_ref.__file__).parent / "checkpoint_chat.py",
+             # the tensor list is read off the model these files build (checkpoint.expected_tensors)
+             *(Path(kimi_ref.__file__).parent / f for f in ("model.py", "mla.py", "experts.py", "router.py", "norms.py",
+                                                           "moonvit.py")),
              *(DATA / "tokenizer" / f for f in TOKENIZER_FILES)]
     h = hashlib.sha256()
     for p in parts:

@@ -41,7 +41,7 @@ from kimi_ref.config import KimiConfig, load_config
 from kimi_ref.oracle import int4  # the numpy twin of kimi_ref.int4 (sources §7)
 
 __all__ = ["CheckpointError", "SAFETENSORS_DTYPES", "read_header", "read_safetensors", "bf16_to_float32",
-           "checkpoint_tensors", "text_name", "expected_shapes", "load_weights"]
+           "checkpoint_tensors", "flat_name", "expected_tensors", "load_weights"]
 
 
 class CheckpointError(ValueError):
@@ -176,8 +176,10 @@ def checkpoint_tensors(ckpt: Path) -> dict[str, Path]:
     return {name: ckpt / shard for name, shard in weight_map.items()}
 
 
-def text_name(stored: str, config: KimiConfig) -> str | None:
-    """The flat text-model name of a stored tensor, or None for tensors the text model does not use."""
+def flat_name(stored: str, config: KimiConfig) -> str | None:
+    """The flat (text-model) name of a stored tensor, or None for tensors the text model does not use.
+
+    The twin of ``kimi_ref.checkpoint.flat_name``, which maps every stored name (vision included)."""
     name = stored[len(_TEXT_PREFIX):] if stored.startswith(_TEXT_PREFIX) else stored
     if name.startswith(_NOT_TEXT):
         return None  # MoonViT and its projector
@@ -187,8 +189,11 @@ def text_name(stored: str, config: KimiConfig) -> str | None:
     return name
 
 
-def expected_shapes(config: KimiConfig) -> dict[str, tuple[int, ...]]:
-    """Every dense tensor the text model reads, with its shape (INT4 experts listed as their dequantized weight)."""
+def expected_tensors(config: KimiConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor the text model reads: {flat name: shape}, INT4 experts listed as their dequantized weight.
+
+    The twin of ``kimi_ref.checkpoint.expected_tensors``, written out by hand on purpose: that one is read
+    off the torch model, this one from the equations, so a shape wrong in the model shows up here."""
     d, h = config.hidden_size, config.num_attention_heads
     n, r, v, c = config.qk_nope_head_dim, config.qk_rope_head_dim, config.v_head_dim, config.kv_lora_rank
     shapes: dict[str, tuple[int, ...]] = {
@@ -273,7 +278,7 @@ def load_weights(path: str | Path) -> tuple[KimiConfig, dict[str, np.ndarray]]:
     # which stored tensors to read, grouped by file, under their flat names
     by_file: dict[Path, dict[str, str]] = {}
     for stored_name, file in stored.items():
-        name = text_name(stored_name, config)
+        name = flat_name(stored_name, config)
         if name is not None:
             by_file.setdefault(file, {})[stored_name] = name
 
@@ -309,7 +314,7 @@ def load_weights(path: str | Path) -> tuple[KimiConfig, dict[str, np.ndarray]]:
 
 
 def _check_against_config(ckpt: Path, weights: dict[str, np.ndarray], config: KimiConfig) -> None:
-    expected = expected_shapes(config)
+    expected = expected_tensors(config)
     optional = {"lm_head.weight"} if config.tie_word_embeddings else set()
     missing = [name for name in expected if name not in weights]
     if missing:
