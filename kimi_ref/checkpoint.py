@@ -50,7 +50,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+from safetensors import safe_open
 from torch import nn
+from tqdm.auto import tqdm
 
 from . import int4
 from .config import KimiConfig, load_config, read_json
@@ -494,8 +496,6 @@ class Checkpoint:
     # ---- reading data ----
     def read(self, name: str, dim: int | None = None, start: int = 0, size: int = 0) -> torch.Tensor:
         """Tensor ``name`` (a stored name), or its ``[start, start+size)`` slice along ``dim``, from disk."""
-        from safetensors import safe_open
-
         with safe_open(self.file(name), framework="pt", device="cpu") as f:
             return _read_slice(f, name, dim, start, size)
 
@@ -582,8 +582,6 @@ def _torch_device(device: Any) -> torch.device:
 def _progress(items: list[str], enabled: bool, desc: str) -> Any:
     if not enabled:
         return items
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, unit="shard")
 
 
@@ -633,8 +631,6 @@ def _load_into(ckpt: Checkpoint, module: torch.nn.Module, key_prefix: str, tp: T
         problems.append(f"checkpoint tensor '{name}' ({ckpt.weight_map.get(name, 'not in the index')}) has no place in the model")
     if problems:
         raise CheckpointError(problems, str(ckpt.path))
-
-    from safetensors import safe_open
 
     state: dict[str, torch.Tensor] = {}
     for file in _progress(sorted(plan), progress, f"loading {ckpt.path.name}"):
