@@ -10,6 +10,9 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from tolerances import assert_close
 
+import transformers
+from hf_twins import F32, F64, t
+
 from kimi_ref import backend, norms
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.mla import LATENT_NORM_EPS, MLA
@@ -182,3 +185,18 @@ def test_chapter_03_solution_rms_norm_by_hand():
         x, w = _inputs(5, (3, 300), 2.0, dtype)
         expected = onorms.rms_norm(x.double().numpy(), w.double().numpy(), 1e-6)
         assert_close(sol.rms_norm_by_hand(x, w, 1e-6), expected, dtype, what="by hand")
+
+
+# ---- the oracle against torch and HF DeepseekV3 ----
+
+@given(shape=st.sampled_from([(5, 8), (2, 3, 32), (1, 7)]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
+       eps=st.sampled_from([1e-5, 1e-6]), seed=st.integers(0, 2**16))
+def test_rms_norm_matches_torch_and_hf(shape, scale, eps, seed):
+    rng = np.random.default_rng(seed)
+    x, w = scale * rng.standard_normal(shape), 1 + 0.3 * rng.standard_normal(shape[-1])
+    ours = onorms.rms_norm(x, w, eps)
+    assert_close(ours, torch.nn.functional.rms_norm(t(x), (shape[-1],), t(w), eps), F64, what="rms_norm vs torch")
+    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3RMSNorm(shape[-1], eps).double()
+    with torch.no_grad():
+        hf.weight.copy_(t(w))
+        assert_close(ours, hf(t(x)), F32, what="rms_norm vs HF (fp32 inside)")

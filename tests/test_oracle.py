@@ -1,11 +1,9 @@
 """The float64 oracle: HF transformers' DeepseekV3 as its peer, and its own invariants.
 
-* Peer: a tiny random ``DeepseekV3ForCausalLM`` (config derived from the K2.5 values: YaRN factor 64,
-  beta 32/1, mscale 1/1, theta 50000, routed_scaling_factor 2.827; random norm weights and a non-zero
-  random e_score_correction_bias, which HF would init to ones/zeros) run in float64, piece by piece
-  (RMSNorm, RoPE, router, MoE, dense MLP, attention) and end to end via ``save_pretrained`` +
-  ``kimi_ref.oracle.forward``. HF keeps fp32 islands even after ``.double()`` (RMSNorm, router logits,
-  RoPE angles), so those comparisons use the float32 tolerance; pure-float64 HF pieces use float64's.
+* Peer: a tiny random ``DeepseekV3ForCausalLM`` in float64 (tests/hf_twins.py), layer by layer (MoE,
+  dense MLP, both MLA forms) and end to end via ``save_pretrained`` + ``kimi_ref.oracle.forward``. The
+  per-concept peers live with their concept: RoPE in test_rope.py, RMSNorm in test_norms.py, the
+  router in test_router.py.
 * Invariants at float64 tolerance: naive MLA == absorbed MLA; prefill + decode steps == one forward.
 * The safetensors reader against the safetensors library, both weight layouts, shards, MTP and vision
   tensors skipped, INT4 experts (packed by compressed-tensors) dequantized; every error it raises.
@@ -14,7 +12,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import subprocess
@@ -26,237 +23,23 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import transformers
 from hypothesis import example, given
 from hypothesis import strategies as st
 from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import save_file as save_torch
 from tolerances import assert_close
 
-from kimi_ref.config import KimiConfig, fixture_path, load_config, tiny_config
-from kimi_ref.oracle import checkpoint, experts, forward, mla, model, norms, rope, router
+from hf_twins import F32, F64, KIMI_TINY, configs, hf_checkpoint, hf_model, make_config, random_weights, t
+from kimi_ref.config import KimiConfig
+from kimi_ref.oracle import checkpoint, experts, forward, mla, model, rope
 from kimi_ref.oracle.checkpoint import CheckpointError
-from weights_tools import hf_peer
 
 REPO = Path(__file__).resolve().parents[1]
-K25 = load_config(fixture_path("kimi_k25"))
-K2_THINKING = load_config(fixture_path("kimi_k2_thinking"))
-F64, F32 = torch.float64, torch.float32  # tolerance rows: pure float64, and HF's fp32 islands
 
 
 # ------------------------------------------------------------------------------------------------
-# Tiny configs derived from K2.5, and their HF twins
+# The whole oracle against HF: layer pieces, logits, tied embeddings
 # ------------------------------------------------------------------------------------------------
-
-
-def make_config(*, heads: int = 3, nope: int = 8, rope_dim: int = 8, v: int = 12, q_lora: int | None = 24,
-                kv_lora: int = 16, hidden: int = 32, layers: int = 2, experts_n: int = 6, k: int = 2,
-                n_group: int = 1, topk_group: int = 1, original: int = 16, beta_fast: float | None = None,
-                moe_width: int = 16, attention_bias: bool = False, tied: bool = False) -> KimiConfig:
-    """K2.5 shrunk in size only (YaRN 64 with β 32/1, mscale 1/1, θ 50000, scaling 2.827, 1 dense layer)."""
-    c = tiny_config(K25, vocab_size=300, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
-                    q_lora_rank=24 if q_lora is None else q_lora, kv_lora_rank=kv_lora, qk_nope_head_dim=nope,
-                    qk_rope_head_dim=rope_dim, v_head_dim=v, intermediate_size=48, moe_intermediate_size=moe_width,
-                    n_routed_experts=experts_n, num_experts_per_tok=k, n_group=n_group, topk_group=topk_group,
-                    original_max_position_embeddings=original, max_position_embeddings=original * 64, vision=False)
-    changes: dict = {"attention_bias": attention_bias, "tie_word_embeddings": tied}
-    if q_lora is None:
-        changes["q_lora_rank"] = None
-    if beta_fast is not None:
-        changes["rope"] = dataclasses.replace(c.rope, beta_fast=beta_fast)
-    return c.replace(**changes)
-
-
-# The K2.5-shaped example every hypothesis test also runs: odd head count, v_head_dim != qk_nope_head_dim.
-KIMI_TINY = make_config()
-
-
-@st.composite
-def configs(draw, layers: int = 2) -> KimiConfig:
-    n_experts = draw(st.sampled_from([4, 6, 8]))
-    n_group = draw(st.sampled_from([g for g in (1, 2, 4) if n_experts % g == 0 and n_experts // g >= 2]))
-    topk_group = draw(st.integers(1, n_group))
-    return make_config(
-        heads=draw(st.sampled_from([1, 2, 3, 5])), nope=draw(st.sampled_from([4, 8])),
-        rope_dim=draw(st.sampled_from([4, 8, 16])), v=draw(st.sampled_from([4, 6, 12])),
-        q_lora=draw(st.sampled_from([None, 24])), kv_lora=draw(st.sampled_from([8, 16])), layers=layers,
-        experts_n=n_experts, k=draw(st.integers(1, min(3, topk_group * (n_experts // n_group)))),
-        n_group=n_group, topk_group=topk_group, original=draw(st.sampled_from([8, 16, 4096])),
-        beta_fast=draw(st.sampled_from([32.0, 1.0])),  # K2.5, K2-Instruct-0905
-        attention_bias=draw(st.sampled_from([False, False, True])),  # Kimi: false; HF supports both
-    )
-
-
-def hf_config(c: KimiConfig) -> transformers.DeepseekV3Config:
-    """The peer's config (weights_tools.hf_peer), computed in float64 all through: sdpa attention and the
-    experts one by one (grouped_mm has no float64)."""
-    return hf_peer.hf_config(c, attn_implementation="sdpa", experts_implementation="eager")
-
-
-def hf_model(c: KimiConfig, seed: int) -> transformers.DeepseekV3ForCausalLM:
-    """A float64 HF model with every parameter random, including what HF inits to constants."""
-    m = transformers.DeepseekV3ForCausalLM(hf_config(c)).double().eval()
-    g = torch.Generator().manual_seed(seed)
-
-    def randn(shape):
-        return torch.randn(shape, generator=g, dtype=torch.float64)
-
-    with torch.no_grad():
-        for name, p in m.named_parameters():
-            if name.endswith("embed_tokens.weight"):
-                p.copy_(randn(p.shape))
-            elif p.ndim == 1:  # RMSNorm weights (HF: ones)
-                p.copy_(1 + 0.3 * randn(p.shape))
-            else:  # fan-in scaling keeps activations O(1) through the layers
-                p.copy_(randn(p.shape) * p.shape[-1] ** -0.5)
-        for name, b in m.named_buffers():
-            if name.endswith("e_score_correction_bias"):  # HF: zeros
-                b.copy_(0.1 * randn(b.shape))
-    return m
-
-
-def hf_checkpoint(c: KimiConfig, seed: int, directory: Path) -> tuple[transformers.DeepseekV3ForCausalLM, KimiConfig, dict]:
-    """The HF model, saved with save_pretrained, and what the oracle's reader makes of it."""
-    m = hf_model(c, seed)
-    m.save_pretrained(directory)
-    config, weights = checkpoint.load_weights(directory)
-    return m, config, weights
-
-
-def random_weights(c: KimiConfig, seed: int) -> dict[str, np.ndarray]:
-    """Random float64 weights for every tensor the config implies (for oracle-only invariants)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for name, shape in checkpoint.expected_tensors(c).items():
-        if name.endswith("embed_tokens.weight"):
-            out[name] = rng.standard_normal(shape)
-        elif name.endswith("e_score_correction_bias"):
-            out[name] = 0.1 * rng.standard_normal(shape)
-        elif len(shape) == 1:
-            out[name] = 1 + 0.3 * rng.standard_normal(shape)
-        else:
-            out[name] = rng.standard_normal(shape) * shape[-1] ** -0.5
-    return out
-
-
-def t(x: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(x))
-
-
-# ------------------------------------------------------------------------------------------------
-# RoPE / YaRN numbers of the real configs
-# ------------------------------------------------------------------------------------------------
-
-
-def test_softmax_scale_of_the_real_k25_config():
-    assert rope.softmax_scale(K25) == pytest.approx(0.1446796, abs=5e-8)
-    assert rope.yarn_get_mscale(64.0, 1.0) == pytest.approx(1.41589, abs=5e-6)
-    assert rope.attention_factor(K25.rope) == 1.0  # mscale == mscale_all_dim: cos/sin unscaled
-    # without YaRN the scale is the plain 1/sqrt(192)
-    plain = K25.replace(rope=dataclasses.replace(K25.rope, type="default"))
-    assert rope.softmax_scale(plain) == pytest.approx(192 ** -0.5, rel=1e-15)
-
-
-def test_yarn_correction_range_of_the_real_configs():
-    assert rope.correction_range(K25.rope, K25.qk_rope_head_dim) == (8, 20)  # beta 32/1
-    assert K2_THINKING.rope.beta_fast == 1.0
-    assert rope.correction_range(K2_THINKING.rope, 64) == (19, 20)  # beta 1/1
-    assert rope.correction_range(dataclasses.replace(K25.rope, beta_fast=1.0), 64) == (19, 20)
-    f = rope.inv_freq(K25.rope, 64)
-    base = 50000.0 ** (-np.arange(0, 64, 2) / 64)
-    np.testing.assert_array_equal(f[:8], base[:8])  # below the ramp: original frequencies
-    np.testing.assert_allclose(f[20:], base[20:] / 64, rtol=1e-15)  # above it: interpolated by the factor
-    assert np.all((f[8:20] <= base[8:20]) & (f[8:20] >= base[8:20] / 64))
-
-
-@given(dim=st.sampled_from([4, 8, 16, 64]), original=st.sampled_from([8, 16, 4096]),
-       beta_fast=st.sampled_from([32.0, 1.0, 4.0]), factor=st.sampled_from([1.0, 4.0, 64.0]),
-       mscale=st.sampled_from([(1.0, 1.0), (0.707, 1.0), (1.0, 0.5)]), seed=st.integers(0, 2**16))
-def test_rope_matches_hf(dim, original, beta_fast, factor, mscale, seed):
-    c = make_config(rope_dim=dim, original=original)
-    c = c.replace(rope=dataclasses.replace(c.rope, beta_fast=beta_fast, factor=factor, mscale=mscale[0],
-                                           mscale_all_dim=mscale[1]))
-    hf = transformers.DeepseekV3ForCausalLM(hf_config(c)).double().eval()
-    # YaRN frequencies and magnitude (HF computes them in fp32)
-    rot = hf.model.rotary_emb
-    assert_close(rope.inv_freq(c.rope, dim), rot.inv_freq, F32, what="inv_freq")
-    assert rot.attention_scaling == pytest.approx(rope.attention_factor(c.rope), rel=1e-12)
-    assert hf.model.layers[0].self_attn.scaling == pytest.approx(rope.softmax_scale(c), rel=1e-12)
-    # cos/sin: HF lays them out as cat(freqs, freqs); positions stay small so its fp32 angles are exact enough
-    positions = np.arange(40)
-    cos, sin = rope.cos_sin(positions, c.rope, dim)
-    hf_cos, hf_sin = rot(torch.zeros(1, dtype=torch.float64), t(positions)[None])
-    assert_close(np.concatenate([cos, cos], -1)[None], hf_cos, F32, what="cos")
-    assert_close(np.concatenate([sin, sin], -1)[None], hf_sin, F32, what="sin")
-    # the rotation itself, fed the same float64 angles: equal up to HF's de-interleaving permutation
-    rng = np.random.default_rng(seed)
-    q, k = rng.standard_normal((2, 3, 40, dim)), rng.standard_normal((2, 1, 40, dim))
-    hf_q, hf_k = transformers.models.deepseek_v3.modeling_deepseek_v3.apply_rotary_pos_emb_interleave(
-        t(q), t(k), t(np.concatenate([cos, cos], -1))[None], t(np.concatenate([sin, sin], -1))[None])
-    perm = np.concatenate([np.arange(0, dim, 2), np.arange(1, dim, 2)])
-    assert_close(rope.apply_rope(q, cos, sin)[..., perm], hf_q, F64, what="rope(q)")
-    assert_close(rope.apply_rope(k, cos, sin)[..., perm], hf_k, F64, what="rope(k)")
-
-
-def test_rope_rotates_interleaved_pairs():
-    x = np.zeros(8)
-    x[2] = 1.0  # the x of pair 1
-    cfg = dataclasses.replace(K25.rope, type="default")
-    cos, sin = rope.cos_sin(np.array(3), cfg, 8)
-    y = rope.apply_rope(x, cos, sin)
-    angle = 3 * 50000.0 ** (-2 / 8)
-    np.testing.assert_allclose(y, [0, 0, math.cos(angle), math.sin(angle), 0, 0, 0, 0], atol=1e-15)
-
-
-# ------------------------------------------------------------------------------------------------
-# Pieces against HF
-# ------------------------------------------------------------------------------------------------
-
-
-@given(shape=st.sampled_from([(5, 8), (2, 3, 32), (1, 7)]), scale=st.sampled_from([1e-3, 1.0, 30.0]),
-       eps=st.sampled_from([1e-5, 1e-6]), seed=st.integers(0, 2**16))
-def test_rms_norm_matches_torch_and_hf(shape, scale, eps, seed):
-    rng = np.random.default_rng(seed)
-    x, w = scale * rng.standard_normal(shape), 1 + 0.3 * rng.standard_normal(shape[-1])
-    ours = norms.rms_norm(x, w, eps)
-    assert_close(ours, torch.nn.functional.rms_norm(t(x), (shape[-1],), t(w), eps), F64, what="rms_norm vs torch")
-    hf = transformers.models.deepseek_v3.modeling_deepseek_v3.DeepseekV3RMSNorm(shape[-1], eps).double()
-    with torch.no_grad():
-        hf.weight.copy_(t(w))
-        assert_close(ours, hf(t(x)), F32, what="rms_norm vs HF (fp32 inside)")
-
-
-@given(c=configs(), seed=st.integers(0, 2**16), tokens=st.integers(1, 12))
-@example(c=KIMI_TINY, seed=0, tokens=9)
-def test_router_matches_hf(c, seed, tokens):
-    m = hf_model(c, seed)
-    gate = m.model.layers[1].mlp.gate
-    x = np.random.default_rng(seed).standard_normal((tokens, c.hidden_size))
-    w, b = gate.weight.detach().numpy(), gate.e_score_correction_bias.detach().numpy()
-    weights, indices = router.route(x, w, b, c)
-    with torch.no_grad():
-        _, hf_weights, hf_indices = gate(t(x))
-    hf_indices = hf_indices.numpy()
-    np.testing.assert_array_equal(np.sort(indices, 1), np.sort(hf_indices, 1))  # the same experts ...
-    ours_by_expert = np.take_along_axis(weights, np.argsort(indices, 1), 1)
-    hf_by_expert = np.take_along_axis(hf_weights.numpy(), np.argsort(hf_indices, 1), 1)
-    assert_close(ours_by_expert, hf_by_expert, F32, what="routing weights")  # ... with the same weights
-    choice = router.router_scores(x, w) + b
-    assert np.all(np.diff(np.take_along_axis(choice, indices, 1), axis=1) <= 0), "not ordered best first"
-    np.testing.assert_allclose(weights.sum(1), c.routed_scaling_factor, rtol=1e-12)  # norm_topk_prob, then × 2.827
-
-
-def test_group_limited_routing_masks_with_minus_infinity():
-    c = make_config(experts_n=8, k=2, n_group=4, topk_group=1)
-    # Strongly negative biases: every choice score is < 0. Group 2 (experts 4, 5) has the best top-2 sum.
-    bias = np.full(8, -5.0)
-    bias[4:6] = -4.0
-    weight = np.zeros((8, c.hidden_size))  # zero logits: every score is sigmoid(0) = 0.5
-    weights, indices = router.route(np.ones((1, c.hidden_size)), weight, bias, c)
-    # A 0.0 mask would hand the choice to masked experts (0 > -3.5); -inf keeps it inside group 2.
-    assert sorted(indices[0].tolist()) == [4, 5]
-    np.testing.assert_allclose(weights[0], [c.routed_scaling_factor / 2] * 2, rtol=1e-15)
-    assert router.group_mask(bias + 0.5, c).tolist() == [False] * 4 + [True, True] + [False] * 2
 
 
 @given(c=configs(), seed=st.integers(0, 2**16), batch=st.integers(1, 2), length=st.integers(1, 24),

@@ -8,6 +8,10 @@ import torch
 from hypothesis import assume, given, strategies as st
 from tolerances import assert_close
 
+from hypothesis import example
+from hf_twins import F32, KIMI_TINY, configs, hf_model, t
+from hf_twins import make_config as twin_config
+
 from kimi_ref.config import ConfigError, fixture_path, load_config, tiny_config
 from kimi_ref.oracle import router as oracle
 from kimi_ref.router import Router, route
@@ -183,3 +187,38 @@ def test_solution_selection_margin_explains_bf16_flips():
     flipped = (ids32.sort(-1).values != ids16.sort(-1).values).any(-1)
     assert flipped.any() and (margin >= 0).all()
     assert margin[flipped].max() < margin[~flipped].median()
+
+
+# ---- the oracle against HF DeepseekV3 (hf_twins) ----
+
+@given(c=configs(), seed=st.integers(0, 2**16), tokens=st.integers(1, 12))
+@example(c=KIMI_TINY, seed=0, tokens=9)
+def test_router_matches_hf(c, seed, tokens):
+    m = hf_model(c, seed)
+    gate = m.model.layers[1].mlp.gate
+    x = np.random.default_rng(seed).standard_normal((tokens, c.hidden_size))
+    w, b = gate.weight.detach().numpy(), gate.e_score_correction_bias.detach().numpy()
+    weights, indices = oracle.route(x, w, b, c)
+    with torch.no_grad():
+        _, hf_weights, hf_indices = gate(t(x))
+    hf_indices = hf_indices.numpy()
+    np.testing.assert_array_equal(np.sort(indices, 1), np.sort(hf_indices, 1))  # the same experts ...
+    ours_by_expert = np.take_along_axis(weights, np.argsort(indices, 1), 1)
+    hf_by_expert = np.take_along_axis(hf_weights.numpy(), np.argsort(hf_indices, 1), 1)
+    assert_close(ours_by_expert, hf_by_expert, F32, what="routing weights")  # ... with the same weights
+    choice = oracle.router_scores(x, w) + b
+    assert np.all(np.diff(np.take_along_axis(choice, indices, 1), axis=1) <= 0), "not ordered best first"
+    np.testing.assert_allclose(weights.sum(1), c.routed_scaling_factor, rtol=1e-12)  # norm_topk_prob, then × 2.827
+
+
+def test_group_limited_routing_masks_with_minus_infinity():
+    c = twin_config(experts_n=8, k=2, n_group=4, topk_group=1)
+    # Strongly negative biases: every choice score is < 0. Group 2 (experts 4, 5) has the best top-2 sum.
+    bias = np.full(8, -5.0)
+    bias[4:6] = -4.0
+    weight = np.zeros((8, c.hidden_size))  # zero logits: every score is sigmoid(0) = 0.5
+    weights, indices = oracle.route(np.ones((1, c.hidden_size)), weight, bias, c)
+    # A 0.0 mask would hand the choice to masked experts (0 > -3.5); -inf keeps it inside group 2.
+    assert sorted(indices[0].tolist()) == [4, 5]
+    np.testing.assert_allclose(weights[0], [c.routed_scaling_factor / 2] * 2, rtol=1e-15)
+    assert oracle.group_mask(bias + 0.5, c).tolist() == [False] * 4 + [True, True] + [False] * 2
