@@ -16,7 +16,7 @@ session preprocessed once, identically on every rank. What happens to ``pixel_va
 the projector, the splice into the text) is :mod:`kimi_ref.moonvit`.
 
 Sources of the facts: docs/sources.md §9 (what the template writes for media), §11 (preprocessing: HF
-``kimi_k25_vision_processing.py``, MS-MM ``media_utils.py``). The float64 twin is ``oracle/moonvit.py``.
+``kimi_k25_vision_processing.py``, MS-MM ``media_utils.py``). The float64 twin is ``oracle/media.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""media.py == oracle/moonvit.py's preprocessing: NaViT resize, patchify, inputs of every kind, video chunks.
+"""media.py == oracle/media.py: NaViT resize, patchify, inputs of every kind, video chunks.
 
 Images are drawn at random sizes (tiny, very wide, very tall, beyond the patch limit) under the real K2.5
 preprocessor config and under a shrunken one whose limits small pictures can cross (test_moonvit's SMALL).
@@ -17,7 +17,7 @@ from PIL import Image
 from tolerances import assert_close
 
 from kimi_ref import media
-from kimi_ref.oracle import moonvit as oracle
+from kimi_ref.oracle import media as oracle
 from test_moonvit import MEDIA, MODES, P, SEEDS, SIZES, SMALL, random_image, unpatchify
 
 # ---- preprocessing -----------------------------------------------------------------------------------------
