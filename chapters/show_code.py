@@ -1,0 +1,90 @@
+"""Show the code a chapter teaches: the current source of a function, class or method, read from its file.
+
+    from show_code import show
+    show(rms_norm)                         # a function
+    show(MLA.attend_absorbed)              # a method
+    show(route, lines=(1, 12))             # lines 1..12 of the function (1 = its `def` line)
+
+In Jupyter the source appears as a highlighted ```python block under a one-line caption naming its file and
+lines; anywhere else it is printed plainly. The chapters call this instead of pasting code, so a chapter
+always shows the code as it is today. (The file is not named `code.py`: that would shadow the standard
+library's `code` module for a kernel started in chapters/.)
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import textwrap
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class ShowCodeError(TypeError):
+    """The object has no Python source to show, or the line range asked for is not inside it."""
+
+
+def _unwrap(obj: Any) -> Any:
+    if isinstance(obj, property):
+        return obj.fget
+    if isinstance(obj, (classmethod, staticmethod)):
+        return obj.__func__
+    return inspect.unwrap(obj) if callable(obj) else obj
+
+
+def _where(obj: Any) -> str:
+    try:
+        path = Path(inspect.getsourcefile(obj) or "").resolve()
+    except TypeError:
+        return "?"
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else path.name
+
+
+def source_of(obj: Any, lines: tuple[int, int] | None = None) -> tuple[str, str]:
+    """``(caption, source)`` of ``obj``: caption like ``kimi_ref/norms.py, lines 30-36: rms_norm``.
+
+    ``lines=(first, last)`` keeps only those lines of the object's source, counted from 1 (its ``def``
+    or ``class`` line), both included.
+    """
+    target = _unwrap(obj)
+    name = getattr(target, "__qualname__", None) or getattr(target, "__name__", None) or repr(obj)
+    try:
+        body, start = inspect.getsourcelines(target)
+    except (TypeError, OSError) as e:
+        raise ShowCodeError(f"show_code: {name} ({type(obj).__name__}) has no Python source to show: {e}") from None
+    if lines is not None:
+        first, last = lines
+        if not 1 <= first <= last <= len(body):
+            raise ShowCodeError(f"show_code: lines={lines} is not inside {name}, which has lines 1..{len(body)}")
+        body, start = body[first - 1:last], start + first - 1
+    source = textwrap.dedent("".join(body)).rstrip("\n")  # a method reads as if written at the left margin
+    caption = f"{_where(target)}, lines {start}-{start + len(body) - 1}: {name}"
+    return caption, source
+
+
+def markdown(caption: str, source: str) -> str:
+    """The caption in code font and the source in a ```python fence longer than any backtick run inside."""
+    fence = "`" * max(3, 1 + max((len(run) for run in re.findall(r"`+", source)), default=0))
+    return f"`{caption}`\n\n{fence}python\n{source}\n{fence}"
+
+
+def _in_jupyter() -> bool:
+    try:
+        from IPython import get_ipython  # optional: plain Python has no IPython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and "IPKernelApp" in shell.config
+
+
+def show(obj: Any, lines: tuple[int, int] | None = None) -> None:
+    """Display the source of ``obj`` (see :func:`source_of`): highlighted in Jupyter, printed elsewhere."""
+    caption, source = source_of(obj, lines)
+    if _in_jupyter():
+        from IPython.display import Markdown, display
+
+        display(Markdown(markdown(caption, source)))
+    else:
+        print(f"# {caption}\n{source}\n")
