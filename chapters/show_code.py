@@ -31,6 +31,8 @@ def _unwrap(obj: Any) -> Any:
         return obj.fget
     if isinstance(obj, (classmethod, staticmethod)):
         return obj.__func__
+    if inspect.isfunction(getattr(obj, "fn", None)):
+        return obj.fn  # a @triton.jit kernel: its Python source is the kernel's source
     return inspect.unwrap(obj) if callable(obj) else obj
 
 
