@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 class ShowCodeError(TypeError):
-    """The object has no Python source to show, or the line range asked for is not inside it."""
+    """The object has no Python source to show, or the lines asked for are not in it."""
 
 
 def _unwrap(obj: Any) -> Any:
