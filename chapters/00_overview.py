@@ -10,23 +10,27 @@
 #
 # | chapter | concept | code |
 # |---|---|---|
-# | 01 | byte-level BPE tokenizer | [kimi_ref/tokenizer.py](../kimi_ref/tokenizer.py) |
-# | 02 | chat template and tool calls | [kimi_ref/chat_template.py](../kimi_ref/chat_template.py), [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py) |
+# | 01 | byte-level BPE tokenizer | [kimi_ref/bpe.py](../kimi_ref/bpe.py), [kimi_ref/tokenizer.py](../kimi_ref/tokenizer.py) |
+# | 02 | chat template and tool calls | [kimi_ref/chat_template.py](../kimi_ref/chat_template.py), [kimi_ref/tool_declarations.py](../kimi_ref/tool_declarations.py), [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py) |
 # | 03 | RMSNorm, RoPE, YaRN | [kimi_ref/norms.py](../kimi_ref/norms.py), [kimi_ref/rope.py](../kimi_ref/rope.py) |
 # | 04 | Multi-head Latent Attention | [kimi_ref/mla.py](../kimi_ref/mla.py) |
 # | 05 | the router | [kimi_ref/router.py](../kimi_ref/router.py) |
 # | 06 | experts and MoE | [kimi_ref/experts.py](../kimi_ref/experts.py) |
 # | 07 | INT4 weights | [kimi_ref/int4.py](../kimi_ref/int4.py) |
 # | 08 | the whole model, loading a checkpoint | [kimi_ref/model.py](../kimi_ref/model.py), [kimi_ref/checkpoint.py](../kimi_ref/checkpoint.py) |
-# | 09 | generation and chat | [kimi_ref/generate.py](../kimi_ref/generate.py), [kimi_ref/chat.py](../kimi_ref/chat.py) |
+# | 09 | generation and chat | [kimi_ref/generate.py](../kimi_ref/generate.py), [kimi_ref/chat.py](../kimi_ref/chat.py), [kimi_ref/tools.py](../kimi_ref/tools.py) |
 # | 10 | tensor parallelism | [kimi_ref/parallel.py](../kimi_ref/parallel.py) |
-# | 11 | MoonViT: images and video | [kimi_ref/moonvit.py](../kimi_ref/moonvit.py) |
-# | 12 | Triton kernels | [kimi_ref/kernels/](../kimi_ref/kernels/) |
+# | 11 | MoonViT: images and video | [kimi_ref/media.py](../kimi_ref/media.py), [kimi_ref/moonvit.py](../kimi_ref/moonvit.py) |
+# | 12 | Triton kernels, the backend chosen in one place | [kimi_ref/kernels/](../kimi_ref/kernels/), [kimi_ref/backend.py](../kimi_ref/backend.py) |
 #
 # Every concept exists three times: a float64 numpy **oracle** in
 # [kimi_ref/oracle/](../kimi_ref/oracle/) (slow, obvious, the definition), the readable **torch**
 # model, and fast **Triton** kernels. The tests prove them equal. The architecture document
 # ([docs/architecture.md](../docs/architecture.md)) draws the path of one token through the code.
+#
+# The chapters do not paste code: they call `show` from [chapters/show_code.py](show_code.py), which
+# reads the current source of a function out of its file and displays it, with the file and line
+# numbers, next to the text that explains it.
 
 # %% [markdown]
 # ## The checkpoint decides
@@ -50,6 +54,26 @@ print(f"{config.n_routed_experts} routed experts, top {config.num_experts_per_to
 print(f"MLA: q_lora {config.q_lora_rank}, kv_lora {config.kv_lora_rank}, "
       f"head dims nope {config.qk_nope_head_dim} + rope {config.qk_rope_head_dim}, v {config.v_head_dim}")
 print(f"context {config.max_position_embeddings:,} tokens, vocabulary {config.vocab_size:,}")
+
+# %% [markdown]
+# Every one of the 61 layers is the same pre-norm block: normalise, attend, add to the residual stream;
+# normalise, run the MLP, add again. Here is the whole of it in the torch model:
+
+# %%
+from kimi_ref.config import KimiConfig
+from kimi_ref.model import DecoderLayer
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
+
+show(DecoderLayer.forward)
+
+# %% [markdown]
+# The MLP is a dense SwiGLU in the first `first_k_dense_replace` layers and a MoE block after them; the
+# rule is DeepSeek's, read from the config:
+
+# %%
+show(KimiConfig.is_moe_layer)
+print("MoE layers:", sum(config.is_moe_layer(layer) for layer in range(config.num_hidden_layers)),
+      "of", config.num_hidden_layers)
 
 # %% [markdown]
 # ## Where the trillion parameters are

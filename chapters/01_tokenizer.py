@@ -7,8 +7,10 @@
 # chapter runs on the **demo vocabulary** shipped in the package (3,840 ranks + 256 specials = 4,096
 # ids), trained by our own trainer; every rule below is the real one.
 #
-# Code: [kimi_ref/tokenizer.py](../kimi_ref/tokenizer.py) (encode, decode, training, the rank file,
-# special tokens), [weights_tools/make_demo_vocab.py](../weights_tools/make_demo_vocab.py) (the demo
+# Code: [kimi_ref/bpe.py](../kimi_ref/bpe.py) (the BPE algorithm itself: merging the bytes of one piece,
+# learning merges from counted pieces), [kimi_ref/tokenizer.py](../kimi_ref/tokenizer.py) (Kimi's
+# tokenizer around it: the regex, long-input windows, encode, decode, the rank file, special tokens),
+# [weights_tools/make_demo_vocab.py](../weights_tools/make_demo_vocab.py) (the demo
 # vocabulary, rebuilt byte for byte by the tests), tests in
 # [tests/test_tokenizer.py](../tests/test_tokenizer.py) — the pure-Python encoder gives the same ids
 # as tiktoken on generated text in every script.
@@ -28,6 +30,7 @@ import regex
 
 from kimi_ref import tokenizer as T
 from kimi_ref.tokenizer import KIMI_PAT_STR, Tokenizer, train_bpe
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 from weights_tools.make_demo_vocab import build_corpus
 
 tok = Tokenizer.demo()
@@ -45,9 +48,16 @@ print(tok.decode(ids))
 # piece occurs; the most frequent pair becomes a new token with the next rank. Pairs never cross
 # piece boundaries, which is why the regex matters as much as the merges.
 #
-# `train_bpe` does this incrementally (only the pieces that contain the merged pair are recounted);
-# the tests prove it equal, merge for merge, to the obvious trainer of exercise 2. Let us train on a
-# small slice of the demo corpus and look at the first merges.
+# `train_bpe` cuts the text exactly as encoding will and counts each distinct piece once, with its
+# count; `kimi_ref.bpe.train_merges` then learns the merges incrementally (only the pieces that contain
+# the merged pair are recounted). The tests prove it equal, merge for merge, to the obvious trainer of
+# exercise 2.
+
+# %%
+show(train_bpe)
+
+# %% [markdown]
+# Let us train on a small slice of the demo corpus and look at the first merges.
 
 # %%
 corpus = build_corpus()
@@ -90,8 +100,16 @@ plt.show()
 # Encoding does not replay training. For each piece it looks at all adjacent pairs, merges the one
 # whose concatenation has the **lowest rank** (earliest learned), and repeats until no pair is a
 # token. A piece that is itself a token is one id straight away. That is tiktoken's definition, and
-# `kimi_ref.tokenizer.bpe_merge` implements it in a dozen lines (with an O(n log n) variant for
-# pieces of 100+ bytes). Here is one piece, step by step:
+# `kimi_ref.bpe.bpe_merge` implements it in a dozen lines (with an O(n log n) variant for
+# pieces of 100+ bytes):
+
+# %%
+from kimi_ref.bpe import bpe_merge
+
+show(bpe_merge)
+
+# %% [markdown]
+# Here is one piece, step by step:
 
 # %%
 piece = " multiplication".encode()
@@ -103,7 +121,7 @@ while True:
     rank, i = min(pairs)
     parts[i:i + 2] = [parts[i] + parts[i + 1]]
     print(f"rank {rank:5d}: {[p.decode(errors='replace') for p in parts]}")
-assert [tok.ranks[p] for p in parts] == T.bpe_merge(piece, tok.ranks)
+assert [tok.ranks[p] for p in parts] == bpe_merge(piece, tok.ranks)
 
 # %% [markdown]
 # ## Kimi's regex, piece by piece
@@ -175,7 +193,11 @@ print("allow_special=True: special ids =", [i for i in hf_like if tok.is_special
 #
 # HF's encoder cuts the text into 400,000-character windows and cuts any run of whitespace or
 # non-whitespace at 25,000 characters before running tiktoken. The cuts change the ids (a
-# 30,000-letter "word" becomes two pieces), so `kimi_ref` makes the same cuts on both backends.
+# 30,000-letter "word" becomes two pieces), so `kimi_ref` makes the same cuts on both backends. The
+# run-cutting rule, transcribed from HF's tokenizer:
+
+# %%
+show(T.split_whitespaces_or_nonwhitespaces)
 
 # %%
 import tiktoken

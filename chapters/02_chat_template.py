@@ -7,9 +7,10 @@
 # model has never seen. On the way back, the model's output ids must be cut into **reasoning**,
 # **content** and **tool calls** again.
 #
-# Code: [kimi_ref/chat_template.py](../kimi_ref/chat_template.py) (messages → text / ids, and the
-# TypeScript-style tool declarations) and [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py)
-# (output → message, whole or streamed). Tests: [tests/test_chat_template.py](../tests/test_chat_template.py)
+# Code: [kimi_ref/chat_template.py](../kimi_ref/chat_template.py) (messages → text / ids),
+# [kimi_ref/tool_declarations.py](../kimi_ref/tool_declarations.py) (the TypeScript-style tool
+# declarations) and [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py) (output → message, whole or
+# streamed). Tests: [tests/test_chat_template.py](../tests/test_chat_template.py)
 # renders Moonshot's genuine jinja templates with jinja2 and demands byte equality on generated
 # conversations; [tests/test_tool_parsing.py](../tests/test_tool_parsing.py) proves the streaming parser
 # equal to the whole-output parser for every way of cutting the stream.
@@ -19,9 +20,12 @@ import json
 
 import matplotlib.pyplot as plt
 
-from kimi_ref.chat_template import VARIANTS, encode_tools_ts, render, render_ids, render_segments
+from kimi_ref import chat_template, tool_parsing
+from kimi_ref.chat_template import VARIANTS, render, render_ids, render_segments
 from kimi_ref.tokenizer import Tokenizer
+from kimi_ref.tool_declarations import encode_tools_ts
 from kimi_ref.tool_parsing import StreamParser, parse
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 tok = Tokenizer.demo()  # the small shipped vocabulary; its special tokens sit where Kimi's do
 print(VARIANTS)
@@ -59,9 +63,13 @@ print(prompt.replace("<|im_end|>", "<|im_end|>\n"))  # newlines added here for r
 # %% [markdown]
 # The tool declaration is not JSON but **TypeScript**: K2.5 and later were trained on tools written
 # as a `namespace functions { type name = (_: {...}) => any; }` block, with descriptions and
-# constraints as `//` comments, required parameters first and optional ones marked `?`.
+# constraints as `//` comments, required parameters first and optional ones marked `?`. The
+# declaration is its own file, `kimi_ref.tool_declarations`; its entry point sorts every dict's keys
+# first (as HF does, so the same tools in another key order give the same prompt bytes) and declares
+# each function:
 
 # %%
+show(encode_tools_ts)
 print(encode_tools_ts(tools))
 
 # %% [markdown]
@@ -108,7 +116,12 @@ plt.show()
 #
 # K2.6 added `preserve_thinking=True`, which skips the split; **K2.7-Code always preserves**: a coding
 # agent's earlier reasoning (why it edited that file) is context it needs, and the prompt grows
-# append-only, so every turn reuses the cache of the one before.
+# append-only, so every turn reuses the cache of the one before. The split is one index, and one
+# condition on it when an assistant message is written:
+
+# %%
+show(chat_template._last_assistant_without_tool_calls)
+show(chat_template._render_thinking_family)
 
 # %%
 for variant, kwargs in [("k2.5", {}), ("k2.6", {"preserve_thinking": True}), ("k2.7-code", {})]:
@@ -162,7 +175,13 @@ plt.show()
 #
 # The id `functions.{name}:{index}` is kept verbatim (the tool result must quote it back); the name
 # is the id minus `functions.` and minus the last `:index`. The arguments are returned raw, flagged
-# when they are not valid JSON. Here is an output the model could write after our prompt (which
+# when they are not valid JSON.
+
+# %%
+show(tool_parsing.function_name)
+
+# %% [markdown]
+# Here is an output the model could write after our prompt (which
 # ended in `<think>`, so the output starts *inside* the reasoning):
 
 # %%

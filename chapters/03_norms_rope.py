@@ -19,6 +19,7 @@ from kimi_ref.config import RopeConfig, fixture_path, load_config
 from kimi_ref.mla import LATENT_NORM_EPS
 from kimi_ref.oracle import norms as onorms
 from kimi_ref.oracle import rope as orope
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 config = load_config(fixture_path("kimi_k25"))
 thinking = load_config(fixture_path("kimi_k2_thinking"))
@@ -31,7 +32,11 @@ print(config.rope)
 # `y = weight · x / sqrt(mean(x²) + eps)`. Kimi computes the statistics in **fp32** whatever the model
 # dtype, casts back, and only then multiplies by the weight. Two eps values live in the model: the
 # decoder-layer norms use `rms_norm_eps` from the config (1e-5), but the two norms inside MLA
-# (`q_a_layernorm`, `kv_a_layernorm`) are built with the class default **1e-6**.
+# (`q_a_layernorm`, `kv_a_layernorm`) are built with the class default **1e-6**. The function the
+# `RMSNorm` module calls:
+
+# %%
+show(norms.rms_norm)
 
 # %%
 print("config rms_norm_eps:", config.rms_norm_eps, "  MLA latent norms:", LATENT_NORM_EPS)
@@ -65,7 +70,10 @@ plt.tight_layout(); plt.show()
 # **adjacent pairs** (x0, y0, x1, y1, …); pair *i* turns by `pos · inv_freq[i]`. NeoX-style code
 # (Llama, HF's `rotate_half`) pairs x[i] with x[i + 32] instead: on Kimi's weights that gives a model that
 # still talks, but worse. A rotated pair keeps its length, and the dot product of a rotated query and key
-# depends only on the *distance* between their positions:
+# depends only on the *distance* between their positions. The rotation, pair by pair:
+
+# %%
+show(rope.apply_rope)
 
 # %%
 r = config.qk_rope_head_dim
@@ -88,7 +96,11 @@ print([round(rotated_dot(p + 10, p), 4) for p in (0, 1000, 100_000)], "— the s
 # pairs' frequencies by the factor (interpolation), and blends in between. Which pair is fast is set by
 # `beta_fast`/`beta_slow`: the pairs that complete at least 32 resp. at most 1 turn over the original
 # context. For K2.5 the ramp runs from pair 8 to pair 20; K2-Thinking (and K2-Instruct-0905) ship
-# `beta_fast = 1`, a ramp from 19 to 20.
+# `beta_fast = 1`, a ramp from 19 to 20. The frequencies, and where the ramp starts and ends:
+
+# %%
+show(rope.inv_freq)
+show(rope.correction_range)
 
 # %%
 pairs = np.arange(r // 2)
@@ -117,6 +129,7 @@ plt.tight_layout(); plt.show()
 # `m² = (0.1·mscale_all_dim·ln(factor) + 1)²`. Kimi's softmax scale is therefore not 1/√192 = 0.0722 but:
 
 # %%
+show(rope.softmax_scale)
 m = rope.yarn_get_mscale(config.rope.factor, config.rope.mscale_all_dim)
 print(f"mscale = {m:.5f}, softmax scale = 192^-0.5 · mscale² = {rope.softmax_scale(config):.7f}")
 print("cos/sin factor mscale/mscale_all_dim =", rope.attention_factor(config.rope))
@@ -127,7 +140,10 @@ assert abs(rope.softmax_scale(config) - orope.softmax_scale(config)) < 1e-15
 #
 # At position 262,144 the fastest pair has turned 262,144 radians. A float32 number that large has a
 # spacing of 1/64, so a float32 angle is off by up to ~1e-2 rad; kimi_ref forms the angles in float64
-# and only rounds cos/sin to float32.
+# and only rounds cos/sin to float32:
+
+# %%
+show(rope.cos_sin)
 
 # %%
 positions = torch.arange(0, 262_145, 4096)

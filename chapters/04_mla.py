@@ -17,7 +17,7 @@
 # latent, k_rope = kv_a_proj_with_mqa(x)                           [c | r]
 # latent         = rms_norm(latent, eps=1e-6)                      <- cached
 # k_rope         = rope(k_rope, pos)                               <- cached
-# W_uk [h,n,c], W_uv [h,v,c] = kv_b_proj.weight split per head
+# W_uk [h,n,c], W_uv [h,v,c] = kv_b_proj.weight split per head    (MLA.split_kv_b)
 # ```
 
 # %%
@@ -29,6 +29,7 @@ from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.mla import MLA, KVCache
 from kimi_ref.oracle import mla as omla
 from kimi_ref.rope import softmax_scale
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 config = load_config(fixture_path("kimi_k25"))
 tiny = tiny_config(config, vision=False)
@@ -37,12 +38,37 @@ print(f"tiny: d {tiny.hidden_size}, heads {tiny.num_attention_heads}, c {tiny.kv
       f"n {tiny.qk_nope_head_dim}, r {tiny.qk_rope_head_dim}, v {tiny.v_head_dim}")
 
 # %% [markdown]
+# The module's forward is the recipe above line for line: project the query, compress the key/value
+# input into the latent, turn the rotary parts, then attend in one of two forms.
+
+# %%
+show(MLA.forward)
+show(MLA.split_kv_b)
+
+# %% [markdown]
 # ## Two forms, one function
 #
 # **Naive**: build every head's key `[W_uk·latent | k_rope]` and value `W_uv·latent`, then run ordinary
 # attention. **Absorbed**: since `q_nope · (W_uk latent) = (W_ukᵀ q_nope) · latent`, move W_uk into the
 # query and attend straight to the latent; apply W_uv after the weighted sum. Same parameters, same
-# numbers, very different cache. Both must equal the float64 oracle:
+# numbers, very different cache.
+
+# %%
+show(MLA.attend_naive)
+
+# %% [markdown]
+# The absorbed form caches only `latent` and `k_rope`; its scores and its weighted sum both run over the
+# latent (the decode kernel of chapter 12 does the same for one new token):
+
+# %%
+from kimi_ref import mla
+
+show(MLA.attend_absorbed)
+show(mla.absorbed_scores)
+show(mla.mix_latents)
+
+# %% [markdown]
+# Both must equal the float64 oracle:
 
 # %%
 torch.manual_seed(0)
@@ -101,7 +127,11 @@ plt.tight_layout(); plt.show()
 # ## QK-Clip: watching the largest logit
 #
 # Kimi was trained with MuonClip, which rescales W_q/W_k of a head whenever its largest pre-softmax
-# logit exceeds a threshold. `track_max_logit=True` makes the module record that number per head:
+# logit exceeds a threshold. `track_max_logit=True` makes the module record that number per head,
+# where both forms turn scores into probabilities:
+
+# %%
+show(MLA.probabilities)
 
 # %%
 absorbed.track_max_logit = True

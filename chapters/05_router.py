@@ -25,13 +25,22 @@ import numpy as np
 import torch
 
 from kimi_ref.config import fixture_path, load_config, tiny_config
+from kimi_ref import router as router_module
 from kimi_ref.router import Router, route
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 real = load_config(fixture_path("kimi_k25"))
 print(f"experts {real.n_routed_experts}, top-k {real.num_experts_per_tok}, groups {real.n_group}/{real.topk_group}, "
       f"scoring {real.scoring_func}, method {real.topk_method}, scale {real.routed_scaling_factor}, "
       f"normalized {real.norm_topk_prob}")
 
+# %% [markdown]
+# The module's forward hands its two tensors to `route`, which is the four lines above plus the checks
+# and the group step of the end of this chapter:
+
+# %%
+show(Router.forward)
+show(route)
 
 # %% [markdown]
 # ## One token through the real-sized router
@@ -113,6 +122,9 @@ print("with bias:   ", ids_after.tolist(), [round(v, 3) for v in w_after[0].toli
 # `n_group = topk_group = 1`, so the step keeps every expert. kimi_ref still implements it (from the
 # config) and tests it against the oracle and HF: masked experts get **−inf**, not 0 — with negative
 # biases a 0 would beat every allowed expert.
+
+# %%
+show(router_module._mask_groups)
 
 # %%
 grouped = cfg.replace(n_group=4, topk_group=2)

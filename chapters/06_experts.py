@@ -21,9 +21,10 @@ import torch
 
 from kimi_ref import int4
 from kimi_ref.config import fixture_path, load_config, tiny_config
-from kimi_ref.experts import MoE
+from kimi_ref.experts import MoE, SwiGLU
 from kimi_ref.model import KimiForCausalLM
 from kimi_ref.oracle import experts as oracle_experts
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 real = load_config(fixture_path("kimi_k25"))
 d, f = real.hidden_size, real.moe_intermediate_size
@@ -37,8 +38,19 @@ print(f"per token: {real.num_experts_per_tok} routed + {real.n_shared_experts} s
 # %% [markdown]
 # That is the point of an MoE: a trillion weights of capacity, but each token pays for
 # 8/384 ≈ 2 % of the routed experts. The shared expert carries what every token needs (it is added
-# *unscaled*; `routed_scaling_factor` only multiplies the routed part).
-#
+# *unscaled*; `routed_scaling_factor` only multiplies the routed part). Every expert, routed, shared or
+# dense, is the same module:
+
+# %%
+show(SwiGLU.forward)
+
+# %% [markdown]
+# and the MoE block joins them: route, run the routed part, add the shared expert, one all-reduce.
+
+# %%
+show(MoE.forward)
+
+# %% [markdown]
 # ## A tiny MoE, checked against the oracle
 #
 # The tiny configuration keeps every behaviour flag of the real one — INT4 experts included — and
@@ -78,6 +90,9 @@ print(f"max |torch - oracle| / max |oracle| = {np.abs(ours.double().numpy() - wa
 # per expert over its contiguous run of tokens (dispatch). Each output row, times its routing weight, is
 # added back into its token's row with `index_add_` (combine). Left: which expert each pick goes to, in
 # token order; right: the same picks sorted — every expert's tokens now sit together.
+
+# %%
+show(MoE.routed_torch)
 
 # %%
 with torch.no_grad():
@@ -137,8 +152,9 @@ print("layer 0 is dense:", type(model.model.layers[0].mlp).__name__)
 # With `--tp N` a rank holds whole experts, `[r·E/N, (r+1)·E/N)` — the `experts` ModuleDict is keyed by
 # the **global** index and holds only those — while the shared expert and the dense MLP are split
 # Megatron-style (gate/up rows, down columns). Every rank computes a partial sum; routed and shared parts
-# meet in **one** all-reduce per layer ([kimi_ref/parallel.py](../kimi_ref/parallel.py)). With
-# `set_backend("triton")` the routed part becomes one fused INT4 kernel over the rank's stacked experts
+# meet in **one** all-reduce per layer ([kimi_ref/parallel.py](../kimi_ref/parallel.py)). On the triton
+# backend ([kimi_ref/backend.py](../kimi_ref/backend.py), `use_backend(model, "triton")`) the MoE's kernel
+# slot holds one fused INT4 kernel that replaces `routed_torch` over the rank's stacked experts
 # (chapter 12).
 #
 # ## Exercises

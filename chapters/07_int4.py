@@ -28,6 +28,7 @@ import torch
 
 from kimi_ref import int4
 from kimi_ref.config import fixture_path, load_config
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 torch.manual_seed(0)
 config = load_config(fixture_path("kimi_k25"))
@@ -45,7 +46,11 @@ print(f"one expert: gate/up [{w}, {d}], down [{d}, {w}] = {3 * d * w:,} weights"
 # The divisor is 7.5, not 7. The most negative weight of a group lands exactly on −8; the most
 # positive lands on +7.5, rounds to 8 and is clipped to 7. So the grid is slightly lopsided and the
 # largest positive weight loses half a step. Below: "real-looking" weights — a trained matrix is not
-# Gaussian: heavy tails, and a few input channels with much larger magnitude.
+# Gaussian: heavy tails, and a few input channels with much larger magnitude. `int4.quantize` is
+# `pack(quantize_groups(w))`; the rounding is all here:
+
+# %%
+show(int4.quantize_groups)
 
 # %%
 gen = torch.Generator().manual_seed(7)
@@ -100,6 +105,10 @@ print(f"{all_experts:,} routed experts: INT4 {all_experts * expert_int4 / 1e9:.2
 # nibble is ≥ 8 has bit 31 set, so as a signed int32 it is negative; unpacking shifts and masks with
 # `& 0xF`, which gives the same nibble either way. (A well-known converter once read the nibbles as
 # two's complement: the model still "works", but every weight is wrong.)
+
+# %%
+show(int4.pack)
+show(int4.unpack)
 
 # %%
 q = torch.tensor([[-8, -3, 0, 1, 7, -1, 4, 2]], dtype=torch.int8)
@@ -161,7 +170,13 @@ plt.show()
 # checkpoint) and dequantizes to the activation dtype inside each call. A model built from them never
 # holds all experts dense — a token touches 8 of 384, and only those are expanded, briefly. In float32
 # the dequantized weights are exact (a 4-bit integer times a bf16 scale fits in 24 bits of mantissa),
-# so the layer agrees with a float64 dequantize-then-matmul to float32 rounding.
+# so the layer agrees with a float64 dequantize-then-matmul to float32 rounding. Its forward either
+# dequantizes and calls `F.linear` (the reference) or hands the packed buffers to the W4A16 GEMM kernel
+# that [kimi_ref/backend.py](../kimi_ref/backend.py) put in its `kernel` slot (chapter 12):
+
+# %%
+show(int4.dequantize)
+show(int4.W4A16Linear.forward)
 
 # %%
 from kimi_ref.oracle import int4 as oracle_int4

@@ -24,7 +24,9 @@ import torch
 import kimi_ref
 from kimi_ref import checkpoint
 from kimi_ref.config import fixture_path, load_config
+from kimi_ref.model import KimiModel
 from kimi_ref.tokenizer import Tokenizer
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 from weights_tools import inspect, memory_plan
 from weights_tools.make_tiny import tiny_checkpoint
 
@@ -34,6 +36,13 @@ real = load_config(fixture_path("kimi_k25"))  # the K2.5 / K2.7-Code config.json
 path = tiny_checkpoint("kimi_k25")              # built once by weights_tools.make_tiny, then cached
 print(path)
 print(sorted(p.name for p in path.iterdir()))
+
+# %% [markdown]
+# The stack itself is a short loop: embed (or take spliced image embeddings, chapter 11), compute the
+# rotary table once, run every decoder layer (chapter 00 shows one) with its slice of the cache, normalise.
+
+# %%
+show(KimiModel.forward)
 
 # %% [markdown]
 # ## What is on disk
@@ -61,6 +70,7 @@ print(inspect.summary(path))
 # `checkpoint.checkpoint_name` / `flat_name` are the only place that knows.
 
 # %%
+show(checkpoint.checkpoint_name)
 for key in ("model.embed_tokens.weight", "model.layers.1.mlp.experts.3.up_proj.weight_packed", "lm_head.weight",
             "vision_tower.encoder.blocks.0.wqkv.weight"):
     print(f"{key:55s} ↔ {checkpoint.checkpoint_name(key, real)}")

@@ -14,7 +14,8 @@
 # 7. and **serve** all of it to the official `openai` client, as vLLM serves the real model.
 #
 # Code: [kimi_ref/generate.py](../kimi_ref/generate.py) (the loop and sampling),
-# [kimi_ref/chat.py](../kimi_ref/chat.py) (the CLI), [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py)
+# [kimi_ref/chat.py](../kimi_ref/chat.py) (the CLI), [kimi_ref/tools.py](../kimi_ref/tools.py) (its demo
+# tools: a calculator and a clock), [kimi_ref/tool_parsing.py](../kimi_ref/tool_parsing.py)
 # (the stream parser), [kimi_ref/serve/](../kimi_ref/serve/) (the OpenAI-compatible server, section 7), tests in
 # [tests/test_generate.py](../tests/test_generate.py), [tests/test_chat_cli.py](../tests/test_chat_cli.py) and
 # [tests/test_serve.py](../tests/test_serve.py).
@@ -36,6 +37,7 @@ from kimi_ref.config import fixture_path, load_config
 from kimi_ref.generate import generate, make_generator, sample_next, stop_ids_for, top_p_filter
 from kimi_ref.tokenizer import Tokenizer
 from kimi_ref.tool_parsing import StreamParser
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 ckpt = default_checkpoint()
 model = kimi_ref.load_model(ckpt, dtype=torch.float32, progress=False)
@@ -86,6 +88,10 @@ print("logits", tuple(logits.shape), "| cache length", cache.length, "of", cache
 # It runs on the CPU in float64 with an explicit uniform draw from a seeded `torch.Generator`, so a
 # seed means the same tokens on any device and any number of TP ranks. The plot shows what the
 # temperature does to the tiny model's next-token distribution, and where top-p cuts it.
+
+# %%
+show(sample_next)
+show(top_p_filter)
 
 # %%
 last = logits[0, -1].double()
@@ -172,7 +178,11 @@ plt.show()
 # and argument fragments, each as soon as it is certain. Text that might be the start of a marker is
 # held back until the next token decides. A random model never closes its `<think>`, so everything
 # below is reasoning; see the scripted checkpoints in `tests/test_chat_cli.py` for models that answer
-# and call tools.
+# and call tools. The whole loop, with tensor parallelism (rank 0 samples and broadcasts) and images
+# (chapter 11) included:
+
+# %%
+show(generate)
 
 # %%
 parser = StreamParser(tok)

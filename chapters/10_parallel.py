@@ -95,6 +95,15 @@ fig.legend(handles, ["every rank"] + [f"rank {r}" for r in range(N)], loc="lower
 plt.tight_layout(rect=(0, 0.06, 1, 1))
 plt.show()
 
+# %%
+# The rule behind the picture, in kimi_ref/parallel.py: which dimension of a tensor the ranks split; and
+# checkpoint.rank_slice, which turns it into the rows or columns one rank reads (chapters/show_code.py
+# shows the current source of each).
+from show_code import show
+
+show(parallel.shard_dim)
+show(rank_slice)
+
 # %% [markdown]
 # ## 2. Where the ranks talk
 #
@@ -128,6 +137,14 @@ for (kind, who, shape), n in sorted(calls.items()):
     print(f"{kind:10s} × {n}  from {who:24s} on a tensor {shape}")
 print(f"\n{tiny.num_hidden_layers} layers → {sum(n for (k, *_), n in calls.items() if k == 'all_reduce')} all-reduces "
       "(embedding + 2 per layer); 1 all-gather of the logits")
+
+# %%
+# Every collective the count found is one of these small functions of kimi_ref/parallel.py (the only file
+# that calls torch.distributed); on a single rank they return x untouched.
+from show_code import show
+
+show(parallel.all_reduce)
+show(parallel.all_gather)
 
 # %% [markdown]
 # Per decoder layer: one all-reduce after `o_proj`, one after the MLP or MoE (the shared expert's

@@ -6,9 +6,11 @@
 # prompt becomes as many rows as the picture has 28×28-pixel cells. Nothing about the language model
 # changes; it simply sees a longer sequence.
 #
-# Code: [kimi_ref/moonvit.py](../kimi_ref/moonvit.py) (preprocessing, tower, sd2_tpool, projector,
-# splice, video), the float64 twin [kimi_ref/oracle/moonvit.py](../kimi_ref/oracle/moonvit.py), tests
-# [tests/test_moonvit.py](../tests/test_moonvit.py). The model wires it in
+# Code: [kimi_ref/media.py](../kimi_ref/media.py) (loading, resizing, padding and patching images; video
+# frames, chunks and timestamps; the chat's image input), [kimi_ref/moonvit.py](../kimi_ref/moonvit.py)
+# (tower, sd2_tpool, projector, splice), the float64 twin [kimi_ref/oracle/moonvit.py](../kimi_ref/oracle/moonvit.py),
+# tests [tests/test_media.py](../tests/test_media.py) and [tests/test_moonvit.py](../tests/test_moonvit.py).
+# The model wires it in
 # [kimi_ref/model.py](../kimi_ref/model.py) (`KimiForCausalLM.splice_media`).
 #
 # ```
@@ -26,13 +28,15 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from kimi_ref import media as preprocessing  # kimi_ref/media.py ("media" below is its config)
 from kimi_ref import moonvit
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.oracle import moonvit as omoonvit
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 torch.set_grad_enabled(False)  # inference only in this chapter
 real = load_config(fixture_path("kimi_k25"))
-media = moonvit.default_media_config()  # the shipped K2.5 preprocessor_config.json
+media = preprocessing.default_media_config()  # the shipped K2.5 preprocessor_config.json
 print(f"patch {media.patch_size}, merge {media.merge_kernel_size}, in_patch_limit {media.in_patch_limit}, "
       f"per side {media.patch_limit_on_one_side}, mean/std {media.image_mean}/{media.image_std}")
 print(f"tower: D {real.vision.hidden_size}, heads {real.vision.num_attention_heads} × {real.vision.head_dim}, "
@@ -57,10 +61,10 @@ def draw_picture(width: int = 250, height: int = 170) -> Image.Image:
 
 
 picture = draw_picture()
-pixel_values, grid = moonvit.preprocess(picture)
+pixel_values, grid = preprocessing.preprocess(picture)
 t, h, w = grid
 print(f"{picture.size[0]}×{picture.size[1]} -> pixel_values {tuple(pixel_values.shape)}, grid_thw {grid}, "
-      f"{moonvit.tokens_per_image(*picture.size)} LLM tokens")
+      f"{preprocessing.tokens_per_image(*picture.size)} LLM tokens")
 
 # %% [markdown]
 # ## Resize, pad, patch
@@ -69,6 +73,10 @@ print(f"{picture.size[0]}×{picture.size[1]} -> pixel_values {tuple(pixel_values
 # zero-padded on the right and bottom to a multiple of 28 pixels — patch 14 × merge 2 — and normalized
 # with mean = std = 0.5, so the black padding becomes exactly **−1.0**. Below: the padded picture with
 # its 14-pixel patch grid; the thick lines are the 2×2 groups that will become one LLM token each.
+
+# %%
+show(preprocessing.preprocess)
+show(preprocessing._normalize_patchify)
 
 # %%
 padded = pixel_values.view(h, w, 3, 14, 14).permute(2, 0, 3, 1, 4).reshape(3, h * 14, w * 14)
@@ -91,11 +99,14 @@ ax.axis("off"); plt.tight_layout(); plt.show()
 # does the resizing (it *is* the definition: the reference processor calls `PIL.Image.resize`).
 
 # %%
+show(preprocessing.resize_size)
+
+# %%
 for size in [(250, 170), (1920, 1080), (4000, 3000), (12000, 300), (300, 12000)]:
-    new = moonvit.resize_size(*size, media)
-    g = moonvit.padded_grid(*new, media)
+    new = preprocessing.resize_size(*size, media)
+    g = preprocessing.padded_grid(*new, media)
     print(f"{size[0]:>6}×{size[1]:<6} -> {new[0]:>5}×{new[1]:<5} grid {g[0]:>3}×{g[1]:<3} "
-          f"tokens {moonvit.tokens_per_image(*size, media):>5}")
+          f"tokens {preprocessing.tokens_per_image(*size, media):>5}")
 
 # %% [markdown]
 # ## Tokens against resolution
@@ -109,7 +120,7 @@ for size in [(250, 170), (1920, 1080), (4000, 3000), (12000, 300), (300, 12000)]
 sides = np.unique(np.geomspace(14, 8000, 120).astype(int))
 fig, ax = plt.subplots(figsize=(7, 4))
 for aspect, label in [(1.0, "square"), (16 / 9, "16:9"), (4.0, "4:1 panorama")]:
-    ax.plot(sides, [moonvit.tokens_per_image(int(s * aspect), s, media) for s in sides], label=label)
+    ax.plot(sides, [preprocessing.tokens_per_image(int(s * aspect), s, media) for s in sides], label=label)
 ax.axhline(media.in_patch_limit / 4, color="gray", ls=":", label="in_patch_limit / 4")
 ax.set_xscale("log"); ax.set_yscale("log")
 ax.set_xlabel("picture height in pixels"); ax.set_ylabel("LLM tokens"); ax.legend()
@@ -142,14 +153,20 @@ plt.tight_layout(); plt.show()
 # ## The tower on a tiny config, against the float64 oracle
 #
 # The real tower has 27 blocks of width 1152; a tiny one (same code, `tiny_config`) runs in a blink. We
-# give it random weights and check it against the slow, obvious float64 twin.
+# give it random weights and check it against the slow, obvious float64 twin. The tower's forward:
+# embed the patches, build the 2D rotary table, run the blocks with attention kept inside each image
+# (`cu_seqlens`), a final LayerNorm. Then sd2_tpool merges each 2×2 group of patches into one row:
+
+# %%
+show(moonvit.VisionTower.forward)
+show(moonvit.sd2_tpool)
 
 # %%
 tiny = tiny_config(real).vision
 small_media = dataclasses.replace(media, in_patch_limit=64, patch_limit_on_one_side=16)
 torch.manual_seed(0)
 tower, projector = moonvit.VisionTower(tiny), moonvit.Projector(tiny)
-pv, g = moonvit.preprocess(picture, small_media)  # shrunk to fit 64 patches
+pv, g = preprocessing.preprocess(picture, small_media)  # shrunk to fit 64 patches
 rows = moonvit.encode(tower, projector, pv, [g])[0]
 w_tower = {k: v.double().numpy() for k, v in tower.state_dict().items()}
 w_proj = {k: v.double().numpy() for k, v in projector.state_dict().items()}
@@ -162,6 +179,9 @@ print(f"grid {g} -> rows {tuple(rows.shape)}; max |torch − oracle| = {np.abs(r
 # The chat template writes `<|media_begin|>image<|media_content|><|media_pad|><|media_end|>`: one
 # placeholder per image. `moonvit.splice` cuts the text embeddings there and inserts the image's rows;
 # positions simply count the longer sequence.
+
+# %%
+show(moonvit.splice)
 
 # %%
 d = tiny.text_hidden_size
@@ -182,6 +202,10 @@ print("positions:", spliced.positions[0].tolist())
 # animated GIF work the same way; mp4 needs the optional PyAV).
 
 # %%
+show(preprocessing.split_video_chunks)
+
+
+# %%
 def ball_frame(i: int, n: int) -> Image.Image:
     img = Image.new("RGB", (112, 56), (20, 20, 40))
     x = 8 + (112 - 24) * i / (n - 1)
@@ -190,7 +214,7 @@ def ball_frame(i: int, n: int) -> Image.Image:
 
 
 n_frames, fps = 30, 6.0
-video = moonvit.preprocess_video([ball_frame(i, n_frames) for i in range(n_frames)], fps=fps)
+video = preprocessing.preprocess_video([ball_frame(i, n_frames) for i in range(n_frames)], fps=fps)
 for c, g in zip(video.chunks, video.grid_thws):
     print(f"chunk frames {c.frame_indices} grid {g} -> {c.prompt[:12]}")
 
@@ -209,7 +233,7 @@ plt.show()
 # ## Exercises
 #
 # 1. Write `tokens_for(width, height, cfg)` by arithmetic alone (no pixels) and check it against
-#    `moonvit.tokens_per_image` for sizes from 1×1 to 20000×20000.
+#    `kimi_ref.media.tokens_per_image` for sizes from 1×1 to 20000×20000.
 # 2. Write `largest_unresized_square(cfg)`: the biggest square picture (in pixels) that is not resized.
 #    Why is it not a multiple of 14?
 # 3. Write `video_tokens(num_frames, fps, width, height, cfg)`: how many LLM rows does a whole clip cost?

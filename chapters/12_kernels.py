@@ -15,7 +15,10 @@
 # | `mla_decode` | [mla_decode.py](../kimi_ref/kernels/mla_decode.py) | the absorbed attention of [mla.py](../kimi_ref/mla.py) for one new token |
 # | `rms_norm`, `apply_rope` | [rms_norm.py](../kimi_ref/kernels/rms_norm.py), [rope.py](../kimi_ref/kernels/rope.py) | [norms.py](../kimi_ref/norms.py), [rope.py](../kimi_ref/rope.py) |
 #
-# `model.set_backend("triton")` switches every module over. The tests
+# The backend is chosen in one place, [kimi_ref/backend.py](../kimi_ref/backend.py):
+# `use_backend(model, "triton")` (which `model.set_backend("triton")` calls) hands each module its kernel.
+# The modules hold kernel slots (None = run their own reference code) and never look at a backend's
+# name; each kernel's torch fallback calls the same reference functions. The tests
 # ([tests/test_kernels.py](../tests/test_kernels.py)) prove each kernel equal to the float64 oracle on
 # generated shapes, ragged ones included, and the tiny model equal across backends.
 #
@@ -36,7 +39,9 @@ import numpy as np
 import torch
 
 from kimi_ref import int4, kernels
+from kimi_ref.backend import use_backend
 from kimi_ref.config import fixture_path, load_config
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 w4 = importlib.import_module("kimi_ref.kernels.w4a16")  # the module (kernels.w4a16_matmul is the function)
 moe = importlib.import_module("kimi_ref.kernels.fused_moe")
@@ -44,6 +49,7 @@ mla = importlib.import_module("kimi_ref.kernels.mla_decode")
 
 config = load_config(fixture_path("kimi_k25"))
 print("Triton can run here:", kernels.available())
+show(use_backend)
 
 # %% [markdown]
 # ## Tiles
@@ -91,15 +97,12 @@ plt.show()
 # `i` of word `j` being column `8j + i`; subtracting 8 undoes the excess-8 code; each run of 32
 # columns is multiplied by its bf16 scale (converted to fp32 the moment it is loaded: the
 # interpreter gets bf16 arithmetic wrong). This is `dequant_tile` in
-# [w4a16.py](../kimi_ref/kernels/w4a16.py):
-#
-# ```python
-# words  = tl.load(packed_ptr + rows[:, None] * stride + words_k[None, :], mask=..., other=0)  # [BN, BK/8]
-# nibble = (words[:, :, None] >> (tl.arange(0, 8) * 4)[None, None, :]) & 0xF                 # [BN, BK/8, 8]
-# q      = (nibble - 8).to(tl.float32)                                                        # excess-8
-# w      = tl.reshape(q, (BN, BK // 32, 32)) * scale[:, :, None]                              # group scales
-# ```
-#
+# [w4a16.py](../kimi_ref/kernels/w4a16.py), a Triton function that the GEMM kernel calls once per step:
+
+# %%
+show(w4.dequant_tile)
+
+# %% [markdown]
 # The shift of a negative word is arithmetic (it drags in sign bits), which is harmless: `& 0xF`
 # keeps only our nibble. Here is one word of a real-looking tile, taken apart the same way:
 
@@ -116,7 +119,13 @@ print("int4.unpack, columns 0..7:", int4.unpack(packed, (4, 64))[0, :8].tolist()
 
 # %% [markdown]
 # Now the real kernel, in the interpreter, on a ragged problem (M = 5 is not a multiple of any
-# block), with and without split-K, against torch's "dequantize everything, then matmul":
+# block), with and without split-K, against torch's "dequantize everything, then matmul". That is the
+# kernel's torch fallback, which calls the reference `int4.dequantize` of chapter 07; the public function
+# picks one of the two:
+
+# %%
+show(w4.w4a16_matmul_torch)
+show(w4.w4a16_matmul)
 
 # %%
 x = torch.randn(5, 64, generator=gen)
@@ -234,7 +243,11 @@ ax.set(xlabel="expert", ylabel="rows (token picks)", title="Rows per expert and 
 plt.show()
 
 # %% [markdown]
-# The kernel against the torch fallback on this routing, with INT4 experts of a toy size:
+# The kernel against the torch fallback on this routing, with INT4 experts of a toy size. The fallback
+# is the obvious loop over the experts that have tokens:
+
+# %%
+show(moe.fused_moe_torch)
 
 # %%
 d_model, inter = 64, 32
@@ -255,6 +268,10 @@ print(f"fused_moe: max |kernel - torch| = {float((fast - slow).abs().max()):.2e}
 # over the keys. A 128K-token cache with a handful of programs would leave the GPU idle, so the context
 # is cut into chunks, each a program, each writing its normalized output and its log-sum-exp; the
 # combine weights chunk i by `exp(lse_i − max lse)` (exercise 3). Entries past `length` are never read.
+# The fallback it is checked against is MLA's own absorbed attention (chapter 04), for one query:
+
+# %%
+show(mla.mla_decode_torch)
 
 # %%
 b, heads, c, r, s = 1, 16, 32, 16, 90

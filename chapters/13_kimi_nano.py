@@ -57,6 +57,14 @@ print(trained[-400:])
 # config (the same code as the real run, fewer steps):
 
 # %%
+# Muon's update direction, from kimi_ref/muonclip.py (chapters/show_code.py shows the current source):
+# five Newton-Schulz steps push every singular value of the momentum towards 1.
+from kimi_ref.muonclip import newton_schulz
+from show_code import show
+
+show(newton_schulz)
+
+# %%
 toy = train_nano.nano_config(toy=True)
 runs = {}
 for name, optimizer, tau in [("AdamW", "adamw", None), ("Muon (no clip)", "muonclip", None),
@@ -106,6 +114,14 @@ ax2.set(xlabel="step", ylabel="max logit (any head)", title="per-layer max atten
 ax2.legend()
 plt.tight_layout()
 plt.show()
+
+# %%
+# The clip itself, in kimi_ref/muonclip.py, after its input checks: γ = τ/S for the heads over τ; √γ on the
+# no-position rows of q and k, γ on the rotary rows of q; the shared rotary key and the values untouched.
+from kimi_ref.muonclip import qk_clip_
+from show_code import show
+
+show(qk_clip_, start="gamma = torch.ones_like")
 
 # %% [markdown]
 # ## What it took: copying numbers

@@ -30,6 +30,7 @@ from kimi_ref.chat import NANO_DIR
 from kimi_ref.tokenizer import Tokenizer
 from weights_tools import diff, nano_eval, trace
 from weights_tools.trace_file import Trace
+from show_code import show  # chapters/show_code.py: the current source of a function, with its file and lines
 
 nano = NANO_DIR
 tok = Tokenizer.from_pretrained(nano)
@@ -47,6 +48,17 @@ oracle = as_trace(trace.trace_oracle(nano, ids), "float64", "oracle")
 runs = {dtype: as_trace(trace.trace_kimi(nano, ids, dtype=dtype), dtype, f"kimi_ref {dtype}")
         for dtype in ("float32", "float16", "bfloat16")}
 print(diff.report(diff.compare(runs["float32"], oracle)))
+
+# %% [markdown]
+# The diff is one loop over the activations both traces share: the relative L∞ error of each against the
+# more precise trace, its largest distance in ulps, and for the router's choices the number of tokens
+# whose expert set changed. The tolerance is the one row of the table for the coarser precision.
+
+# %%
+from kimi_ref.tolerances import rel_error
+
+show(diff.compare)
+show(rel_error)
 
 # %% [markdown]
 # ## Error growth over depth
@@ -129,7 +141,11 @@ print("expert sets that differ:", {layer: f"{n}/{total}" for layer, (n, total) i
 # The router's scores are an fp32 island, but its *input* is the bf16 residual stream. When two
 # experts' scores are within the input's error, bf16 picks the other one: the token then goes
 # through a different expert, and the MoE output changes by far more than a rounding. Over the
-# held-out questions of chapter 13 (each token a routing decision per MoE layer):
+# held-out questions of chapter 13 (each token a routing decision per MoE layer). A flip is a token whose
+# *set* of experts differs (the order among the chosen ones does not change the MoE output):
+
+# %%
+show(diff.expert_flips)
 
 # %%
 from weights_tools import nano_data

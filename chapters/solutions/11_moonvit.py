@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from kimi_ref import moonvit
+from kimi_ref import media
 from kimi_ref.config import MediaConfig
 
 
@@ -37,10 +37,10 @@ def largest_unresized_square(cfg: MediaConfig) -> int:
 
 def video_tokens(num_frames: int, fps: float, width: int, height: int, cfg: MediaConfig) -> int:
     """Exercise 3: LLM rows of a whole clip: sampled frames, chunks of 4, each chunk one frame's worth."""
-    kept = len(moonvit.sample_frame_indices(num_frames, fps, cfg))
+    kept = len(media.sample_frame_indices(num_frames, fps, cfg))
     chunks = math.ceil(kept / cfg.temporal_merge_kernel_size)
     limit = cfg.in_patch_limit if cfg.in_patch_limit_each_frame is None else cfg.in_patch_limit_each_frame
-    h, w = moonvit.padded_grid(*moonvit.resize_size(width, height, cfg, in_patch_limit=limit), cfg)
+    h, w = media.padded_grid(*media.resize_size(width, height, cfg, in_patch_limit=limit), cfg)
     return chunks * (h // cfg.merge_kernel_size) * (w // cfg.merge_kernel_size)
 
 
