@@ -8,7 +8,8 @@
 #
 # Code: [kimi_ref/media.py](../kimi_ref/media.py) (loading, resizing, padding and patching images; video
 # frames, chunks and timestamps; the chat's image input), [kimi_ref/moonvit.py](../kimi_ref/moonvit.py)
-# (tower, sd2_tpool, projector, splice), the float64 twin [kimi_ref/oracle/moonvit.py](../kimi_ref/oracle/moonvit.py),
+# (tower, sd2_tpool, projector, splice), the float64 twins [kimi_ref/oracle/media.py](../kimi_ref/oracle/media.py) and
+# [kimi_ref/oracle/moonvit.py](../kimi_ref/oracle/moonvit.py),
 # tests [tests/test_media.py](../tests/test_media.py) and [tests/test_moonvit.py](../tests/test_moonvit.py).
 # The model wires it in
 # [kimi_ref/model.py](../kimi_ref/model.py) (`KimiForCausalLM.splice_media`).

@@ -10,7 +10,7 @@
 A call runs the Triton kernel when :func:`available` and the tensors are where Triton can reach them
 (CUDA tensors on a GPU; CPU tensors under ``TRITON_INTERPRET=1``, which must be set before this
 package is imported). Otherwise it runs the torch fallback, which computes the same thing the
-obvious way. Torch modules call these when their ``backend`` is ``"triton"``. Each kernel's file
+obvious way. :func:`kimi_ref.backend.use_backend` hands these to the torch modules. Each kernel's file
 (``rms_norm.py``, ``rope.py``, ``w4a16.py``, ``fused_moe.py``, ``mla_decode.py``) explains its tiles.
 ``python -m kimi_ref.kernels.compile_check`` compiles them all for an H100 without needing one.
 """
