@@ -621,6 +621,7 @@ def _rank_main(world: TP, device: str, s: Settings) -> int:
         _follow(model, tp, pp, device, images)
         return 0
     session = Session(model, Tokenizer.from_pretrained(s.ckpt), s, tp, device, images=images)
+    broken = False  # a stage died: the protocol is cut, so no EXIT goes out (it would meet a half-sent step)
     try:
         if s.prompt is not None:
             ok = session.user_turn(s.prompt)
@@ -630,8 +631,12 @@ def _rank_main(world: TP, device: str, s: Settings) -> int:
             return 1 if session.save_failed else 0 if ok else 2
         session.repl()
         return 1 if session.save_failed else 0
+    except parallel.PeerError:
+        broken = True
+        raise
     finally:
-        control.command(tp, pp, device, EXIT)
+        if not broken:
+            control.command(tp, pp, device, EXIT)
 
 
 # ---- the command line -------------------------------------------------------------------------------------

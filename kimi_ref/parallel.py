@@ -318,7 +318,11 @@ def share(x: torch.Tensor, tp: TP, pp: PP = ONE_STAGE) -> torch.Tensor:
     Only point-to-point messages cross between stages (between nodes), each TP rank to its peer.
     """
     if pp.first:
-        broadcast(x, tp)
+        try:
+            broadcast(x, tp)
+        except RuntimeError as e:  # rank 0 (or a follower of stage 0) is gone: say so instead of a gloo trace
+            raise PeerError(f"the broadcast inside stage 0 (ranks 0..{tp.world_size - 1}) failed: a rank of it "
+                            f"died or stopped answering ({' '.join(str(e).split())[:200]})") from None
     else:
         recv(x, pp.prev, pp)
     if not pp.last:

@@ -173,6 +173,20 @@ def test_bad_layouts_are_refused(ckpt8):
         kimi_ref.load_model(ckpt8, pp=PP(stage=0, stages=5), progress=False)
 
 
+def test_chat_refuses_bad_layouts(monkeypatch, capsys):
+    """Before any rank starts: more stages than layers (kimi-nano has 4), and a torchrun world that
+    disagrees with --tp × --pp."""
+    from kimi_ref import chat
+
+    assert chat.main(["--pp", "5", "--device", "cpu", "--prompt", "hi"]) == 2
+    assert "--pp 5 asks for more pipeline stages than the model has decoder layers" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert chat.main(["--tp", "2", "--pp", "2", "--device", "cpu", "--prompt", "hi"]) == 2
+    assert ("torchrun started 2 processes (WORLD_SIZE), but --tp 2 × --pp 2 = 4; they must be equal"
+            in capsys.readouterr().err)
+
+
 def test_separate_tp2_launch(ckpt8, single):
     # The plain path users take: a launch of exactly 2 ranks on the default group.
     logits, greedy, sampled, _ = launch(_rank_results, 2, "cpu", str(ckpt8), PROMPT, timeout_s=120)
