@@ -274,6 +274,7 @@ class Settings:
     timings: bool = True
     tp: int = 1  # ranks per pipeline stage
     pp: int = 1  # pipeline stages
+    timeout: float = 1800.0  # seconds a rank waits for another
     setup: Any = None  # the checkpoint's ChatSetup (template, proof, sampling); None: kimi_ref's `variant` template
 
 
@@ -668,6 +669,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--pp", type=int, default=1,
                    help="pipeline stages, each --tp ranks holding a contiguous block of layers (default 1); "
                         "world size = tp × pp, e.g. --tp 8 --pp 2 on two nodes of 8 GPUs under torchrun")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a rank waits for another (loading, a dead node, and the followers' wait while "
+                        "you type) before it gives up (default 1800)")
     p.add_argument("--template", default="kimi_ref", choices=["kimi_ref", "checkpoint"],
                    help="kimi_ref (default): kimi_ref's template, proven equal to the checkpoint's own at start; "
                         "checkpoint: render with the checkpoint's chat template through jinja2")
@@ -726,6 +730,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         raise ChatError(f"--tp must be at least 1, found {args.tp}")
     if args.pp < 1:
         raise ChatError(f"--pp must be at least 1, found {args.pp}")
+    if not args.timeout > 0:
+        raise ChatError(f"--timeout must be a positive number of seconds, found {args.timeout}")
     world_size = args.tp * args.pp
     env = torchrun_env()
     if env is not None and env[1] > 1 and env[1] != world_size:  # before any rank loads a byte
@@ -794,7 +800,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
                         temperature=sampling[0], top_p=sampling[1], max_new_tokens=sampling[2],
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
                         history=history, save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds,
-                        timings=not args.no_timings, tp=args.tp, pp=args.pp, setup=setup)
+                        timings=not args.no_timings, tp=args.tp, pp=args.pp, timeout=args.timeout,
+                        setup=setup)
     if (torchrun_env() or (0,))[0] == 0:  # once everything is accepted; under torchrun, once
         for line in said:
             print(line, file=sys.stderr)
@@ -859,7 +866,7 @@ def main(argv: list[str] | None = None) -> int:
     # By module name, so spawned ranks find it even when this file runs as __main__.
     rank_main = importlib.import_module("kimi_ref.chat")._rank_main
     try:
-        return launch(rank_main, world_size, settings.device, settings,
+        return launch(rank_main, world_size, settings.device, settings, timeout_s=settings.timeout,
                       flags=f"--tp {settings.tp} × --pp {settings.pp}" if settings.pp > 1 else "--tp")
     except parallel.PeerError as e:  # another stage (node) died or hung: say which, do not hang
         print(f"kimi_ref.chat: error: {e}", file=sys.stderr)
