@@ -246,13 +246,14 @@ try:
         assert stages[0](prompt, caches[0]) is None  # stage 0 sends its stream on and returns nothing
         piped = stages[1](prompt, caches[1])
         sent.clear()
-        stages[0](torch.tensor([[6]]), caches[0])  # one decode step
-        step = stages[1](torch.tensor([[6]]), caches[1])
+        token = torch.tensor([[6]])
+        stages[0](token, caches[0])  # one decode step
+        step = stages[1](token, caches[1])
 finally:
     parallel.send, parallel.recv = real_send, real_recv
 with torch.inference_mode():
     cache = whole.new_cache(1, 8)
-    full = whole(prompt, cache), whole(torch.tensor([[6]]), cache)
+    full = whole(prompt, cache), whole(token, cache)
 print("prefill logits equal the whole model's:", torch.equal(piped, full[0]))
 print("decode-step logits equal the whole model's:", torch.equal(step, full[1]))
 assert torch.equal(piped, full[0]) and torch.equal(step, full[1])

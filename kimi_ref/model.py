@@ -144,9 +144,13 @@ class KimiModel(nn.Module):
         self.layers = LayerBlock({i: DecoderLayer(config, i, mla_mode=mla_mode, backend=backend, **kw)
                                   for i in self.layer_range})
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device) if pp.last else None
-        self.dtype = dtype
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)  # one table for every layer
         _set_backend(self, backend)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The residual stream's dtype: the dense weights' (every stage holds a layer's norm)."""
+        return next(iter(self.layers)).input_layernorm.weight.dtype
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B,T,d] of checked ids [B,T]."""
@@ -244,7 +248,7 @@ class KimiForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 positions: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, grid_thws=None) -> torch.Tensor:
+                pixel_values: torch.Tensor | None = None, grid_thws=None) -> torch.Tensor | None:
         if pixel_values is not None and self.pp.first:  # later stages get the spliced stream itself
             inputs_embeds, positions = self.splice_media(input_ids, pixel_values, grid_thws, inputs_embeds, positions,
                                                          0 if cache is None else cache.length)

@@ -129,6 +129,7 @@ def stage_layers(num_layers: int, stages: int) -> list[range]:
         start += size
     return blocks
 
+
 # Which dimension of a weight is split across ranks, by the end of its (prefix-free) name.
 # Routed experts are never split: a rank holds whole experts (see ``TP.split`` on n_routed_experts).
 _SHARD_RULES: tuple[tuple[re.Pattern[str], int], ...] = (
@@ -263,7 +264,7 @@ def all_gather_object(obj: Any, world: TP) -> list[Any]:
     return out
 
 
-def make_layout(world: TP, tp_size: int, pp_size: int) -> tuple[TP, PP]:
+def make_layout(world: TP, tp_size: int, pp_size: int) -> tuple[TP, PP] | tuple[None, None]:
     """Split ranks 0..T·P-1 of ``world`` into P stages of T: this rank's stage TP group and its :class:`PP`.
 
     Collective over ``world``: every rank calls it (also ranks beyond T·P, which get ``(None, None)``),

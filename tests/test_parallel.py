@@ -156,6 +156,29 @@ def test_stage_holds_its_block_only():
         first.model.layers[2]
 
 
+def test_a_stage_reads_only_its_shards(ckpt8, monkeypatch):
+    """The tiny checkpoint keeps one shard per layer, one for embedding / norm / lm_head, two for vision:
+    stage 1 of 2 (layer 2, norm, lm_head) opens only the shards of layer 2 and of the head."""
+    import json
+
+    import safetensors
+
+    import kimi_ref
+
+    weight_map = json.loads((ckpt8 / "model.safetensors.index.json").read_text())["weight_map"]
+    opened, real_open = [], safetensors.safe_open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", recording_open)
+    model = kimi_ref.load_model(ckpt8, dtype=torch.float32, pp=PP(stage=1, stages=2), progress=False)
+    want = {weight_map["language_model.model.layers.2.input_layernorm.weight"], weight_map["language_model.lm_head.weight"]}
+    assert set(opened) == want and len(want) < len(set(weight_map.values()))
+    assert [layer.layer_idx for layer in model.model.layers] == [2] and model.model.embed_tokens is None
+
+
 def test_bad_layouts_are_refused(ckpt8):
     import kimi_ref
 
