@@ -261,8 +261,9 @@ for (shape, dtype), n in sent.items():
     print(f"one decode step sent {n} × {dtype} {list(shape)}")
 
 # %% [markdown]
-# Add the step's control (40 bytes: `control.py`) and the sampled token coming back (8 bytes), and at
-# d = 7,168 in bf16 one token costs the link 16 + 14,336 + 40 + 8 bytes per TP rank, in 4 messages.
+# Add the step's control (40 bytes: `control.py`) and the sampled token coming back to rank 0 (8 bytes),
+# and at d = 7,168 in bf16 one token costs the link 40 + 16 + 14,336 bytes per TP rank and 8 more, in
+# 4 messages.
 # TP 16 instead pays 123 all-reduces of 14,336 bytes (each ring all-reduce moves 2·15/16 of it over
 # every edge, two of which cross between the nodes) plus the all-gather of the fp32 logits:
 
@@ -318,3 +319,7 @@ plt.show()
 #    is NVLink (hundreds of GB/s) or latency the limit?
 # 3. **What is split.** Write `rank_stored_values(config, world_size)` from `checkpoint.rank_tensors`.
 #    Rank 0 holds R + S/N values (R replicated, S split); use three TP sizes to find R and S.
+# 4. **The bubble.** Write `stage_busy_fraction(stages, sequences)`: at decode, with `sequences`
+#    independent sequences in flight (each one token at a time), what fraction of the time is each
+#    stage busy? Check it against the picture in §5, then ask: how many sequences must a server keep in
+#    flight to keep 4 stages busy?

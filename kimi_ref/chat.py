@@ -2,8 +2,7 @@
 
     python -m kimi_ref.chat                                  # the embedded tiny checkpoint, CPU (answers are noise)
     python -m kimi_ref.chat --ckpt DIR --tp 8                # the real checkpoint on 8 GPUs
-    torchrun --nnodes 2 --nproc-per-node 8 --node-rank R --master-addr HOST --master-port PORT \
-        -m kimi_ref.chat --ckpt DIR --tp 8 --pp 2               # two nodes: a TP group of 8 per pipeline stage
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m kimi_ref.chat --ckpt DIR --tp 8 --pp 2   # two nodes (full_weight_run.md)
     python -m kimi_ref.chat --ckpt DIR --tp 2 --device cpu --prompt "..." --max-new-tokens N --seed S
     python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: generation_config.json, else 1.0 / 0.95)
     python -m kimi_ref.chat --ckpt DIR --template checkpoint  # render with the checkpoint's own chat_template.jinja

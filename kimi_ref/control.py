@@ -13,11 +13,12 @@ then TP rank t of each stage to TP rank t of the next (send/recv). Three message
 for the next token from its seeded generator, so the sampling stream is rank 0's alone, exactly as in
 one process. The step travels to every stage; each computes its layers; the last stage's ranks pick the
 next token from their (identical, all-gathered) logits with that ``u`` (``generate.pick_token``), and
-with several stages send it back to stage 0 (:func:`token_home`), which closes the ring:
+with several stages TP rank 0 of the last stage sends it back to rank 0 (:func:`token_home`), which
+closes the ring:
 
     rank 0 ──step──▶ stage 0 ──step, residual──▶ stage 1 … ──▶ last stage: logits → token
        ▲                                                                          │
-       └────────────────────────── token (int64, TP rank t → t) ◀─────────────────┘
+       └──────────────────────────── token (int64, to rank 0) ◀───────────────────┘
 
 A float64 holds every token id exactly (ids < 2^53), so one tensor carries the whole step.
 """
@@ -82,12 +83,13 @@ def share_step(step: Step | None, tp: TP, pp: PP = ONE_STAGE, device: torch.devi
 
 
 def token_home(token: int | None, pp: PP, device: torch.device | str = "cpu") -> int | None:
-    """The last stage's picked ``token`` back to stage 0 (each TP rank to its peer); None on middle stages.
-
-    With one stage the token is already home: returned as it is.
+    """The last stage's picked ``token`` back to rank 0, the only rank that decides with it (from TP rank 0
+    of the last stage); None on every other rank. With one stage the token is already home: returned as it is.
     """
     if pp.stages == 1:
         return token
+    if pp.tp_rank != 0:
+        return None
     if pp.last:
         parallel.send(torch.tensor([token], dtype=torch.long, device=device), pp.peer(0), pp)
         return None

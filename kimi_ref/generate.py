@@ -18,7 +18,7 @@ Sampling happens on the CPU in float64 with an explicit uniform draw (not ``torc
 a seed gives the same tokens on any device and any TP size: all TP ranks hold the same all-gathered
 logits up to float rounding, and only a draw within ~1e-6 of a token boundary could tell them apart.
 Rank 0 alone draws ``u`` and decides each step (``control.py``), so the ranks can never disagree;
-with pipeline stages the last stage picks the token with rank 0's ``u`` and sends it back to stage 0.
+with pipeline stages the last stage picks the token with rank 0's ``u`` and sends it back to rank 0.
 
 Images (K2.5+): ``media=(pixel_values [N,3,14,14], grid_thws [(t,h,w), ...])`` goes to the prefill call
 only, where the model splices each image's MoonViT rows in place of its ``<|media_pad|>``:

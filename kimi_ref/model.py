@@ -289,8 +289,8 @@ class KimiForCausalLM(nn.Module):
         return spliced.embeds, spliced.positions + start
 
     def extra_repr(self) -> str:
-        stage = f", stage {self.pp.stage}/{self.pp.stages} (layers {self.model.layer_range.start}.."\
-                f"{self.model.layer_range.stop - 1})" if self.pp.stages > 1 else ""
+        block = self.model.layer_range
+        stage = f", stage {self.pp.stage}/{self.pp.stages} (layers {block.start}..{block.stop - 1})" if self.pp.stages > 1 else ""
         return f"mla_mode={self.mla_mode!r}, tp={self.tp.rank}/{self.tp.world_size}{stage}"
 
 

@@ -323,3 +323,8 @@ def test_solutions_chapter_10(ckpt8):
     c = {n: sol.rank_stored_values(small, n) for n in (1, 2, 4, 8)}
     assert c[1] > c[2] > c[4] > c[8]
     assert (c[1] - c[8]) * 4 == (c[1] - c[2]) * 7
+    # Exercise 4: at batch 1 each of P stages works 1/P of the time; P sequences in flight fill the bubble.
+    assert sol.stage_busy_fraction(2, 1) == 0.5 and sol.stage_busy_fraction(2, 2) == 1.0
+    assert sol.stage_busy_fraction(4, 3) == 0.75 and sol.stage_busy_fraction(4, 9) == 1.0
+    with pytest.raises(ValueError, match="at least 1"):
+        sol.stage_busy_fraction(0, 1)

@@ -214,7 +214,7 @@ def test_link_traffic_per_token():
     config = load_config(fixture_path("kimi_k25"))
     d, V, L = 7168, 163840, 61
     pp2 = memory_plan.link_traffic(config, 8, 2)
-    assert pp2.total_bytes == 8 * (40 + 16 + 2 * d) + 8 * 8 and pp2.messages == 4
+    assert pp2.total_bytes == 8 * (40 + 16 + 2 * d) + 8 and pp2.messages == 4
     tp16 = memory_plan.link_traffic(config, 16, 1)
     edge = (1 + 2 * L) * 2 * 15 / 16 * 2 * d + 15 / 16 * V * 4 + 2 * 15 / 16 * 40
     assert tp16.total_bytes == pytest.approx(2 * edge) and tp16.link_bytes == pytest.approx(edge)
@@ -229,7 +229,7 @@ def test_memory_plan_pp_cli(capsys):
     out = capsys.readouterr().out
     assert "TP=8 × PP=2" in out and "stages: 0: layers 0..30" in out and "1: layers 31..60" in out
     assert "16 × 80GiB GPU (80.00 GiB each): fits" in out and "longest context at batch 1: 262,144 tokens" in out
-    assert "TP 8 × PP 2: 115.20 kB over all links" in out and "TP 16: " in out
+    assert "TP 8 × PP 2: 115.14 kB over all links" in out and "TP 16: " in out
     assert memory_plan.parse_bytes("141GB") == 141 * 10**9 and memory_plan.parse_bytes("81559MiB") == 81559 * 2**20
     assert memory_plan.main(["--config", config, "--gpu-mem", "80 potatoes"]) == 2
     assert "--gpu-mem '80 potatoes': expected a size such as 80GiB" in capsys.readouterr().err

@@ -32,7 +32,7 @@ The numbers are printed beside the memory of an H200 (141 GB) and an H100 (80 GB
                                   runs as a ring, whose n node-crossing edges each carry 2(T-1)/T · S;
                                   the fp32 logits' all-gather (T-1)/T · V · 4 on each
     a stage boundary between      each of the T ranks sends its peer the step (40 B), the stream's shape
-    nodes                         (16 B) and the residual stream d · 2 B; the token comes home (8 B)
+    nodes                         (16 B) and the residual stream d · 2 B; the token comes home to rank 0 (8 B)
 
 Time on the link ≥ bytes per link / bandwidth + messages in sequence × latency (``--link-gbps``,
 ``--link-latency-us``: assumptions about the fabric, stated, not measured).
@@ -275,8 +275,8 @@ def link_traffic(config: KimiConfig, tp: int, pp: int, gpus_per_node: int = 8, a
         total += crossings * tp * hop
         link += crossings * hop
         messages += 3 * crossings
-    if pp > 1 and (spans > 1 or stage_nodes[0] != stage_nodes[-1]):  # the token comes home to stage 0
-        total += tp * 8
+    if pp > 1 and (spans > 1 or stage_nodes[0] != stage_nodes[-1]):  # the token comes home to rank 0
+        total += 8
         link += 8
         messages += 1
     return LinkTraffic(total, link, messages)
