@@ -4,14 +4,17 @@
 # Kimi K2.x is 595 GB on disk; the biggest GPU holds 141 GB. `python -m kimi_ref.chat --tp 8` splits
 # the model over 8 ranks so that each holds 1/8 of almost every matrix, and all of them compute every
 # token together. This chapter draws **which matrix splits which way**, finds **where the ranks must
-# talk** (the all-reduces), and prices **per-rank memory** at full size.
+# talk** (the all-reduces), prices **per-rank memory** at full size, and then goes **beyond one
+# machine**: pipeline stages (`--pp`), what crosses between them, and why at batch 1 they take turns.
 #
 # Code: [kimi_ref/parallel.py](../kimi_ref/parallel.py) (the layout and *every* `torch.distributed`
 # call), [kimi_ref/launch.py](../kimi_ref/launch.py) (starting the ranks: spawned by us, or by torchrun),
 # [kimi_ref/checkpoint.py](../kimi_ref/checkpoint.py) (`rank_slice`: each rank reads only its slices),
+# [kimi_ref/control.py](../kimi_ref/control.py) (what rank 0 tells the others, stage to stage),
 # [weights_tools/memory_plan.py](../weights_tools/memory_plan.py). Tests:
-# [tests/test_parallel.py](../tests/test_parallel.py) — TP 2, 4 and 8 give the logits of TP 1 (float32
-# tolerance) and the same greedy and seeded tokens.
+# [tests/test_parallel.py](../tests/test_parallel.py) — TP 2, 4 and 8 and TP × PP 2 × 2, 1 × 3, 4 × 2
+# give the logits of TP 1 (float32 tolerance) and the same greedy and seeded tokens;
+# [tests/test_multinode.py](../tests/test_multinode.py) — the same across two torchrun "nodes".
 
 # %%
 import inspect
@@ -28,7 +31,7 @@ from kimi_ref import parallel
 from kimi_ref.checkpoint import expected_tensors, flat_name, rank_slice
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.model import KimiForCausalLM
-from kimi_ref.parallel import TP
+from kimi_ref.parallel import PP, TP
 from weights_tools import memory_plan
 
 real = load_config(fixture_path("kimi_k25"))
@@ -207,6 +210,120 @@ plt.show()
 print(plans[8].report())
 
 # %% [markdown]
+# ## 5. Beyond one machine: pipeline stages
+#
+# 8 × H100 hold the weights but not the full context (the 8 × H100 line above is short). Two nodes
+# of 8 are enough, but how should 16 GPUs share the work? **TP 16** splits every matrix 16 ways, so
+# both of each layer's all-reduces run over the slow link between the nodes. **TP 8 × PP 2** keeps
+# TP inside each node and cuts the *layers* in two: stage 0 (node 0) holds layers 0..30 and the
+# embedding, stage 1 (node 1) layers 31..60, the final norm and lm_head. Between them travels only the
+# residual stream `x` [B, T, d] — for a decoded token, 7,168 numbers.
+#
+# `parallel.stage_layers` cuts the layers (the first stages get one more when they do not divide);
+# a stage builds only its block, keyed by the layers' real indices, so it reads exactly those tensors:
+
+# %%
+print({P: [f"{b.start}..{b.stop - 1}" for b in parallel.stage_layers(real.num_hidden_layers, P)] for P in (2, 3, 4)})
+for stage in range(2):
+    held = KimiForCausalLM(tiny, pp=PP(stage, 2), device="meta").state_dict()
+    tops = sorted({".".join(k.split(".")[:3]) if k.startswith("model.layers.") else k.rsplit(".", 1)[0] for k in held})
+    print(f"stage {stage} of the tiny model holds: {tops}")
+
+# %% [markdown]
+# **What crosses between stages.** Build the two stages of a small model in this one process, with
+# weights copied from a whole model, and replace `parallel.send`/`recv` with a wire that remembers
+# what went over it. Stage 0 embeds and runs its layers, then sends the stream's shape and values;
+# stage 1 receives them, runs its layers and the head. The logits are the whole model's, bit for bit
+# (the same operations in the same order), and the wire shows what a decode step costs the link.
+
+# %%
+torch.manual_seed(0)
+whole = KimiForCausalLM(tiny)
+stages = [KimiForCausalLM(tiny, pp=PP(s, 2, tp_rank=0, tp_size=1), device="meta") for s in range(2)]
+for stage in stages:
+    stage.load_state_dict({k: whole.state_dict()[k] for k in stage.state_dict()}, assign=True)
+wire, sent = [], Counter()
+
+
+def wire_send(x, dst, pp):
+    wire.append(x.clone())
+    sent[(tuple(x.shape), str(x.dtype).replace("torch.", ""))] += 1
+
+
+def wire_recv(x, src, pp):
+    return x.copy_(wire.pop(0))
+
+
+real_send, real_recv = parallel.send, parallel.recv
+parallel.send, parallel.recv = wire_send, wire_recv
+try:
+    with torch.inference_mode():
+        prompt = torch.tensor([[1, 2, 3, 4, 5]])
+        caches = [stage.new_cache(1, 8) for stage in stages]
+        assert stages[0](prompt, caches[0]) is None  # stage 0 sends its stream on and returns nothing
+        piped = stages[1](prompt, caches[1])
+        sent.clear()
+        token = torch.tensor([[6]])
+        stages[0](token, caches[0])  # one decode step
+        step = stages[1](token, caches[1])
+finally:
+    parallel.send, parallel.recv = real_send, real_recv
+with torch.inference_mode():
+    cache = whole.new_cache(1, 8)
+    full = whole(prompt, cache), whole(token, cache)
+print("prefill logits equal the whole model's:", torch.equal(piped, full[0]))
+print("decode-step logits equal the whole model's:", torch.equal(step, full[1]))
+assert torch.equal(piped, full[0]) and torch.equal(step, full[1])
+for (shape, dtype), n in sent.items():
+    print(f"one decode step sent {n} × {dtype} {list(shape)}")
+
+# %% [markdown]
+# Add the step's control (40 bytes: `control.py`) and the sampled token coming back to rank 0 (8 bytes),
+# and at d = 7,168 in bf16 one token costs the link 40 + 16 + 14,336 bytes per TP rank and 8 more, in
+# 4 messages.
+# TP 16 instead pays 123 all-reduces of 14,336 bytes (each ring all-reduce moves 2·15/16 of it over
+# every edge, two of which cross between the nodes) plus the all-gather of the fp32 logits:
+
+# %%
+for t, p in ((16, 1), (8, 2)):
+    traffic = memory_plan.link_traffic(real, t, p)
+    print(f"TP {t:2d} × PP {p}: {traffic.total_bytes / 1e3:9,.1f} kB between the nodes per token, "
+          f"{traffic.messages:3d} messages in turn, ≥ {traffic.seconds() * 1e6:4.0f} µs on a 400 Gb/s link (5 µs a message)")
+print(memory_plan.plan(real, 8, real.max_position_embeddings, pp=2).report().split("KV cache per token")[0])
+
+# %% [markdown]
+# **The bubble.** At batch 1 a token must pass every layer before the next one can start, so the
+# stages take turns: while node 1 runs layers 31..60, node 0 waits for the token; then node 1 waits.
+# Each stage is idle (P-1)/P of the time — the *pipeline bubble*. Training fills it with many
+# micro-batches; a server could with several sequences in flight (below, right). A single chat cannot.
+
+# %%
+fig, axes = plt.subplots(1, 2, figsize=(13, 2.6), sharey=True)
+colors = ["C0", "C1", "C2", "C3"]
+for ax, sequences in zip(axes, (1, 2)):
+    P, tokens, t = 2, 4, 0.0
+    for k in range(tokens):
+        for seq in range(sequences):
+            for s in range(P):  # sequence `seq` at stage s: starts when the stage is free and its input is ready
+                start = k * P + s + seq
+                ax.barh(s, 0.95, left=start, color=colors[seq], alpha=0.85)
+                ax.text(start + 0.47, s, f"t{k}" + ("" if sequences == 1 else f"/{'ab'[seq]}"), ha="center",
+                        va="center", fontsize=8, color="white")
+    ax.set_yticks([0, 1], ["stage 0 (node 0)", "stage 1 (node 1)"])
+    ax.invert_yaxis()
+    ax.set_xlabel("time (one stage's share of a token)")
+    ax.set_title("batch 1: each stage idle half the time" if sequences == 1 else
+                 "two sequences in flight: the bubble filled")
+plt.tight_layout()
+plt.show()
+
+# %% [markdown]
+# So pipeline stages do not make one chat faster: a token still takes all 61 layers, one after the
+# other, plus a hop each way. What they buy is memory (each node holds half the layers and half the
+# cache) at almost no cost on the slow link: one hidden state per token instead of 123 all-reduces.
+# Across nodes that is the right trade; inside a node, where NVLink makes the all-reduces cheap,
+# TP keeps every GPU busy on every token.
+#
 # ## Exercises
 #
 # Solutions: [chapters/solutions/10_parallel.py](solutions/10_parallel.py), tested in
@@ -219,3 +336,7 @@ print(plans[8].report())
 #    is NVLink (hundreds of GB/s) or latency the limit?
 # 3. **What is split.** Write `rank_stored_values(config, world_size)` from `checkpoint.rank_tensors`.
 #    Rank 0 holds R + S/N values (R replicated, S split); use three TP sizes to find R and S.
+# 4. **The bubble.** Write `stage_busy_fraction(stages, sequences)`: at decode, with `sequences`
+#    independent sequences in flight (each one token at a time), what fraction of the time is each
+#    stage busy? Check it against the picture in §5, then ask: how many sequences must a server keep in
+#    flight to keep 4 stages busy?

@@ -2,6 +2,7 @@
 
     python -m kimi_ref.chat                                  # the embedded tiny checkpoint, CPU (answers are noise)
     python -m kimi_ref.chat --ckpt DIR --tp 8                # the real checkpoint on 8 GPUs
+    torchrun --nnodes 2 --nproc-per-node 8 ... -m kimi_ref.chat --ckpt DIR --tp 8 --pp 2   # two nodes (full_weight_run.md)
     python -m kimi_ref.chat --ckpt DIR --tp 2 --device cpu --prompt "..." --max-new-tokens N --seed S
     python -m kimi_ref.chat ... --temperature 0              # greedy (defaults: generation_config.json, else 1.0 / 0.95)
     python -m kimi_ref.chat --ckpt DIR --template checkpoint  # render with the checkpoint's own chat_template.jinja
@@ -15,7 +16,8 @@ refused with a diff; ``--template checkpoint`` renders with the checkpoint's own
 special-token ids are checked, and ``generation_config.json`` sets the sampling defaults and extra stop
 ids. The chat prints the variant chosen and why, and the sampling and where it came from.
 
-One turn, on rank 0 (the other TP ranks only follow, see ``launch.py``):
+One turn, on rank 0 (every other rank, of every stage, only follows: ``control.py`` is the protocol,
+``launch.py`` starts the ranks, ``parallel.make_layout`` splits them into ``--pp`` stages of ``--tp``):
 
     messages + tools --ChatSetup.render_ids--> prompt ids       (reasoning of earlier turns kept:
                                                                  preserve_thinking, forced for K2.7-Code)
@@ -60,17 +62,18 @@ from typing import Any, TextIO
 
 import torch
 
-from kimi_ref import parallel
+from kimi_ref import control, parallel
 from kimi_ref.chat_template import VARIANTS, ChatTemplateError, render_ids
 from kimi_ref.checkpoint import Checkpoint, CheckpointError, load_model
 from kimi_ref.checkpoint_chat import K27_CODE_SAMPLING, ChatSetupError, chat_setup
 from kimi_ref.config import ConfigError, read_json
+from kimi_ref.control import EXIT, GENERATE, receive_ids, send_ids
 from kimi_ref.generate import (DEFAULT_MAX_NEW_TOKENS, DEFAULT_TEMPERATURE, DEFAULT_TOP_P, ContextError,
                                check_context, check_sampling, expanded_length, generate, make_generator, media_rows,
-                               receive_ids, send_ids, stop_ids_for)
+                               stop_ids_for)
 from kimi_ref.launch import LaunchError, check_device, launch, torchrun_env
 from kimi_ref.media import ImageTable, MediaError, image_part, image_source, message_images
-from kimi_ref.parallel import TP, TPError
+from kimi_ref.parallel import ONE_STAGE, PP, TP, TPError
 from kimi_ref.tokenizer import Tokenizer, TokenizerError
 from kimi_ref.tool_parsing import StreamParser
 from kimi_ref.tools import BUILTIN_TOOLS, calculator, current_time, run_tool
@@ -174,8 +177,6 @@ def _check_vision(config: Any, ckpt: str | Path, what: str) -> None:
 
 # ---- the session on rank 0 ------------------------------------------------------------------------------
 
-_GENERATE, _EXIT = 1, 0
-
 
 @dataclass
 class Settings:
@@ -199,6 +200,9 @@ class Settings:
     force: bool = False  # --save may replace an existing file
     max_tool_rounds: int = 8
     timings: bool = True
+    tp: int = 1  # ranks per pipeline stage
+    pp: int = 1  # pipeline stages
+    timeout: float = 1800.0  # seconds a rank waits for another
     setup: Any = None  # the checkpoint's ChatSetup (template, proof, sampling); None: kimi_ref's `variant` template
 
 
@@ -288,6 +292,7 @@ class Session:
     def __init__(self, model: Any, tokenizer: Any, settings: Settings, tp: TP, device: str,
                  out: TextIO | None = None, inp: TextIO | None = None, images: ImageTable | None = None) -> None:
         self.model, self.tok, self.s, self.tp, self.device = model, tokenizer, settings, tp, device
+        self.pp: PP = getattr(model, "pp", ONE_STAGE)
         self.out, self.inp = out or sys.stdout, inp or sys.stdin
         self.printer = _Printer(self.out)
         self.stop_ids = stop_ids_for(tokenizer, model.config)
@@ -396,9 +401,9 @@ class Session:
             raise ContextError(str(e)) from None
         check_context(length, self.model.config.max_position_embeddings)  # before any rank starts
         budget = self._budget(length)
-        _command(self.tp, self.device, _GENERATE, budget)
-        send_ids(ids, self.tp, self.device)
-        send_ids(chosen, self.tp, self.device)
+        control.command(self.tp, self.pp, self.device, GENERATE, budget)
+        send_ids(ids, self.tp, self.device, self.pp)
+        send_ids(chosen, self.tp, self.device, self.pp)
         # K2.5+ prompts end with <think>, so the answer starts inside the reasoning; K2-Thinking's model
         # writes <think> itself, and K2-Instruct does not think.
         in_reasoning = bool(ids) and ids[-1] == self.open_think
@@ -510,21 +515,14 @@ class Session:
             self.user_turn(text)
 
 
-def _command(tp: TP, device: str, command: int, argument: int = 0) -> tuple[int, int]:
-    """Rank 0 tells every rank what comes next: (_GENERATE, max_new_tokens) or (_EXIT, 0)."""
-    message = torch.tensor([command, argument], dtype=torch.long, device=device)
-    parallel.broadcast(message, tp)
-    return int(message[0]), int(message[1])
-
-
-def _follow(model: Any, tp: TP, device: str, images: ImageTable) -> None:
-    """Ranks 1..N-1: generate whenever rank 0 says so, with the prompt and images it names, until it says exit."""
+def _follow(model: Any, tp: TP, pp: PP, device: str, images: ImageTable) -> None:
+    """Every rank but 0: generate whenever rank 0 says so, with the prompt and images it names, until it says exit."""
     while True:
-        command, max_new_tokens = _command(tp, device, -1)
-        if command == _EXIT:
+        command, max_new_tokens = control.command(tp, pp, device, -1)
+        if command == EXIT:
             return
-        ids = receive_ids(None, tp, device)
-        media = images.media(receive_ids(None, tp, device))  # indices into this rank's own ImageTable
+        ids = receive_ids(None, tp, device, pp)
+        media = images.media(receive_ids(None, tp, device, pp))  # indices into this rank's own ImageTable
         generate(model, ids, max_new_tokens=max_new_tokens, tp=tp, media=media)  # sampling settings: rank 0's alone
 
 
@@ -533,16 +531,17 @@ def _session_images(s: Settings) -> list[str]:
     return message_images(s.history) + list(s.images)
 
 
-def _rank_main(tp: TP, device: str, s: Settings) -> int:
-    """What every rank runs: load this rank's slices, then lead (rank 0) or follow."""
-
-    model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, backend=s.backend,
-                       progress=tp.rank == 0 and sys.stderr.isatty())
+def _rank_main(world: TP, device: str, s: Settings) -> int:
+    """What every rank runs: find its stage and TP group, load its slices of its layers, then lead (rank 0) or follow."""
+    tp, pp = parallel.make_layout(world, s.tp, s.pp)
+    model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, pp=pp, backend=s.backend,
+                       progress=world.rank == 0 and sys.stderr.isatty())
     images = ImageTable(_session_images(s), s.ckpt)  # the same files, the same pixels, on every rank
-    if tp.rank != 0:
-        _follow(model, tp, device, images)
+    if world.rank != 0:
+        _follow(model, tp, pp, device, images)
         return 0
     session = Session(model, Tokenizer.from_pretrained(s.ckpt), s, tp, device, images=images)
+    broken = False  # a stage died: the protocol is cut, so no EXIT goes out (it would meet a half-sent step)
     try:
         if s.prompt is not None:
             ok = session.user_turn(s.prompt)
@@ -552,8 +551,12 @@ def _rank_main(tp: TP, device: str, s: Settings) -> int:
             return 1 if session.save_failed else 0 if ok else 2
         session.repl()
         return 1 if session.save_failed else 0
+    except parallel.PeerError:
+        broken = True
+        raise
     finally:
-        _command(tp, device, _EXIT)
+        if not broken:
+            control.command(tp, pp, device, EXIT)
 
 
 # ---- the command line -------------------------------------------------------------------------------------
@@ -581,7 +584,13 @@ def add_shared_flags(p: argparse.ArgumentParser, *, tp_help: str, for_what: str 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m kimi_ref.chat", description="Chat with a Kimi K2.x checkpoint.")
-    add_shared_flags(p, tp_help="tensor-parallel ranks; started here (or by torchrun)")
+    add_shared_flags(p, tp_help="tensor-parallel ranks per pipeline stage; started here (or by torchrun)")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline stages, each --tp ranks holding a contiguous block of layers (default 1); "
+                        "world size = tp × pp, e.g. --tp 8 --pp 2 on two nodes of 8 GPUs under torchrun")
+    p.add_argument("--timeout", type=float, default=1800.0,
+                   help="seconds a rank waits for another (loading, a dead node, and the followers' wait while "
+                        "you type) before it gives up (default 1800)")
     p.add_argument("--template", default="kimi_ref", choices=["kimi_ref", "checkpoint"],
                    help="kimi_ref (default): kimi_ref's template, proven equal to the checkpoint's own at start; "
                         "checkpoint: render with the checkpoint's chat template through jinja2")
@@ -613,9 +622,9 @@ def check_shared_flags(args: argparse.Namespace) -> None:
         raise ChatError(f"--temperature / --top-p: {e}") from None
 
 
-def open_checkpoint(ckpt: Path, tp: int):
+def open_checkpoint(ckpt: Path, tp: int, pp: int = 1):
     """The checkpoint the chat (or the server) will run, checked before any rank starts: the directory, its
-    config and tokenizer files, every shard's header, and that ``tp`` divides the model."""
+    config and tokenizer files, every shard's header, that ``tp`` divides the model and ``pp`` stages fit."""
 
     if not ckpt.exists():
         raise ChatError(f"--ckpt {ckpt}: no such directory")
@@ -626,7 +635,7 @@ def open_checkpoint(ckpt: Path, tp: int):
             raise ChatError(f"--ckpt {ckpt}: no {name} there (the tokenizer ships with the checkpoint)")
     checkpoint = Checkpoint.open(ckpt)
     checkpoint.raise_if_problems()
-    parallel.validate_tp(checkpoint.config, tp)
+    parallel.validate_layout(checkpoint.config, tp, pp)
     return checkpoint
 
 
@@ -635,20 +644,29 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
 
     if args.tp < 1:
         raise ChatError(f"--tp must be at least 1, found {args.tp}")
+    if args.pp < 1:
+        raise ChatError(f"--pp must be at least 1, found {args.pp}")
+    if not args.timeout > 0:
+        raise ChatError(f"--timeout must be a positive number of seconds, found {args.timeout}")
+    world_size = args.tp * args.pp
+    env = torchrun_env()
+    if env is not None and env[1] > 1 and env[1] != world_size:  # before any rank loads a byte
+        raise ChatError(f"torchrun started {env[1]} processes (WORLD_SIZE), but --tp {args.tp} × --pp {args.pp} = "
+                        f"{world_size}; they must be equal (--nnodes × --nproc-per-node = --tp × --pp)")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         raise ChatError(f"--max-new-tokens must be at least 1, found {args.max_new_tokens}")
     if args.max_tool_rounds < 0:
         raise ChatError(f"--max-tool-rounds must be at least 0, found {args.max_tool_rounds}")
     check_shared_flags(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    check_device(device, args.tp)
+    check_device(device, world_size)
     if args.ckpt is None:
         ckpt = default_checkpoint()
         if (torchrun_env() or (0,))[0] == 0:  # under torchrun, say it once
             print(f"(no --ckpt: kimi-nano, the miniature Kimi shipped in the package, {ckpt})", file=sys.stderr)
     else:
         ckpt = Path(args.ckpt)
-    checkpoint = open_checkpoint(ckpt, args.tp)
+    checkpoint = open_checkpoint(ckpt, args.tp, args.pp)
     setup, sampling, said = resolve_chat_setup(args, ckpt, checkpoint.config)
     variant = setup.variant
     # Without --tools, a checkpoint's own tools.json (kimi-nano: the calculator it was trained to call).
@@ -693,11 +711,12 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
                         temperature=sampling[0], top_p=sampling[1], max_new_tokens=sampling[2],
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
                         history=history, save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds,
-                        timings=not args.no_timings, setup=setup)
+                        timings=not args.no_timings, tp=args.tp, pp=args.pp, timeout=args.timeout,
+                        setup=setup)
     if (torchrun_env() or (0,))[0] == 0:  # once everything is accepted; under torchrun, once
         for line in said:
             print(line, file=sys.stderr)
-    return settings, args.tp
+    return settings, world_size
 
 
 def resolve_chat_setup(args: argparse.Namespace, ckpt: Path, config: Any) -> tuple[Any, tuple[float, float, int], list[str]]:
@@ -753,7 +772,11 @@ def main(argv: list[str] | None = None) -> int:
     # By module name, so spawned ranks find it even when this file runs as __main__.
     rank_main = importlib.import_module("kimi_ref.chat")._rank_main
     try:
-        return launch(rank_main, world_size, settings.device, settings)
+        return launch(rank_main, world_size, settings.device, settings, timeout_s=settings.timeout,
+                      flags=f"--tp {settings.tp} × --pp {settings.pp}" if settings.pp > 1 else "--tp")
+    except parallel.PeerError as e:  # another stage (node) died or hung: say which, do not hang
+        print(f"kimi_ref.chat: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("\n(interrupted)", file=sys.stderr)
         return 130

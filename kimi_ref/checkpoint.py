@@ -28,7 +28,9 @@ router's ``e_score_correction_bias`` is fp32.
 
 **One rank's share.** Rank r of N reads the rows or columns ``parallel.shard_dim`` names
 (``parallel.TP.split``), and of the routed experts only its own ``[r·E/N, (r+1)·E/N)`` — with
-``safe_open(...).get_slice`` it never reads the rest from disk.
+``safe_open(...).get_slice`` it never reads the rest from disk. A pipeline stage (``parallel.PP``)
+reads only its own layers, plus the embedding and vision tower (first stage) or the final norm and
+lm_head (last stage): :func:`stage_holds`.
 
 **Strictness.** Everything is checked from the index and the headers before any weight is read, and
 every problem is collected: a shard missing from disk, a truncated shard, a tensor the index places in
@@ -57,7 +59,7 @@ from tqdm.auto import tqdm
 from . import int4
 from .config import KimiConfig, load_config, read_json
 from .model import DecoderLayer, KimiForCausalLM
-from .parallel import SINGLE, TP, shard_dim, validate_tp
+from .parallel import ONE_STAGE, PP, SINGLE, TP, shard_dim, stage_layers, validate_layout
 
 __all__ = [
     "CheckpointError",
@@ -72,6 +74,7 @@ __all__ = [
     "expected_tensors",
     "rank_slice",
     "rank_tensors",
+    "stage_holds",
     "read_header",
     "Checkpoint",
     "load_model",
@@ -253,11 +256,32 @@ def rank_slice(key: str, shape: tuple[int, ...], config: KimiConfig, tp: TP) -> 
     return dim, start, size
 
 
-def rank_tensors(config: KimiConfig, tp: TP = SINGLE, include_vision: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The tensors rank ``tp.rank`` holds: {model key: (local shape, stored dtype tag)}."""
+def stage_holds(key: str, config: KimiConfig, pp: PP) -> bool:
+    """Whether pipeline stage ``pp.stage`` holds model tensor ``key``: its own layers; the embedding and
+    the vision tower on the first stage; the final norm and lm_head on the last (a tied head: the
+    embedding on the last stage too)."""
+    if pp.stages == 1:
+        return True
+    layer = _layer_of(key)
+    if layer is not None:
+        return layer in stage_layers(config.num_hidden_layers, pp.stages)[pp.stage]
+    if key.startswith("model.embed_tokens."):
+        return pp.first or (pp.last and config.tie_word_embeddings)
+    if key.startswith(VISION_PREFIXES):
+        return pp.first
+    if key.startswith(("lm_head.", "model.norm.")):
+        return pp.last
+    return True
+
+
+def rank_tensors(config: KimiConfig, tp: TP = SINGLE, include_vision: bool = True,
+                 pp: PP = ONE_STAGE) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The tensors rank ``tp.rank`` of stage ``pp.stage`` holds: {model key: (local shape, stored dtype tag)}."""
     out: dict[str, tuple[tuple[int, ...], str]] = {}
     for name, (shape, dtype) in expected_tensors(config, include_vision).items():
         key = flat_name(name, config)
+        if not stage_holds(key, config, pp):
+            continue
         where = rank_slice(key, shape, config, tp)
         if where is None:
             continue
@@ -661,6 +685,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     *,
     tp: TP = SINGLE,
+    pp: PP = ONE_STAGE,
     mla_mode: str = "absorbed",
     backend: str = "torch",
     progress: bool = True,
@@ -669,19 +694,23 @@ def load_model(
 
     ``dtype``: compute dtype of the dense weights (default: the config's, bfloat16 for Kimi). INT4
     buffers stay int32/bf16 and ``e_score_correction_bias`` fp32 whatever it is. ``tp``: this
-    process's place in tensor parallelism (loading needs no process group). The model is built on
-    the meta device and only what this rank loads is materialized on ``device``.
+    process's place in tensor parallelism (loading needs no process group). ``pp``: its pipeline
+    stage, whose tensors alone are read (:func:`stage_holds`). The model is built on the meta device
+    and only what this rank loads is materialized on ``device``.
     """
     device = _torch_device(device)
     ckpt = Checkpoint.open(path)
     ckpt.raise_if_problems()
     config = ckpt.config
-    validate_tp(config, tp.world_size)
+    validate_layout(config, tp.world_size, pp.stages)
     dtype = _torch_dtype(config, dtype)
-    model = KimiForCausalLM(config, tp=tp, dtype=dtype, device="meta", mla_mode=mla_mode, backend=backend)
+    model = KimiForCausalLM(config, tp=tp, pp=pp, dtype=dtype, device="meta", mla_mode=mla_mode, backend=backend)
     has_vision = any(k.startswith(VISION_PREFIXES) for k in model.state_dict(keep_vars=True))
-    skip_vision = None if has_vision else (lambda name: name.startswith(VISION_PREFIXES))
-    _load_into(ckpt, model, "", tp, device, progress, skip=skip_vision)
+
+    def skip(name: str) -> bool:  # other stages' tensors; the vision tower when the model has none
+        return (not has_vision and name.startswith(VISION_PREFIXES)) or not stage_holds(flat_name(name, config), config, pp)
+
+    _load_into(ckpt, model, "", tp, device, progress, skip=skip)
     _rebuild_buffers(model, device)
     _check_materialized(model, ckpt)
     return model.eval()

@@ -1,8 +1,9 @@
 """Generation: prefill the prompt, then decode one token at a time from the latent KV cache.
 
     prompt ids [T]  --prefill-->  logits [1,T,V] (only the last row is used) + cache holding T tokens
-    loop:  next = sample(logits[-1])             rank 0 samples, then broadcasts [next, go-on flag]
-           stop if next is a stop id (<|im_end|>), or max_new_tokens / the context is reached
+    loop:  next = sample(logits[-1])             with rank 0's uniform draw u (see control.py)
+           rank 0 decides: stop if next is a stop id (<|im_end|>), or max_new_tokens / the context is
+           reached; the step [verdict, next, u'] goes to every rank (control.share_step)
            logits = model([[next]], cache)       one decode step: [1,1] -> [1,1,V], cache grows by 1
 
 Sampling (the model card's defaults: temperature 1.0, top-p 0.95; temperature 0 = greedy):
@@ -11,11 +12,13 @@ Sampling (the model card's defaults: temperature 1.0, top-p 0.95; temperature 0 
     keep the smallest set of most-likely tokens whose mass reaches top_p (the top token always stays)
     draw u ~ U[0, 1) from a seeded ``torch.Generator`` and take the first token whose cumulative kept
     mass exceeds u · (kept mass)                                        inverse-CDF sampling
+    (draw_uniform, then pick_token; sample_next does both)
 
 Sampling happens on the CPU in float64 with an explicit uniform draw (not ``torch.multinomial``), so
 a seed gives the same tokens on any device and any TP size: all TP ranks hold the same all-gathered
 logits up to float rounding, and only a draw within ~1e-6 of a token boundary could tell them apart.
-Rank 0 still samples alone and broadcasts, so the ranks can never disagree.
+Rank 0 alone draws ``u`` and decides each step (``control.py``), so the ranks can never disagree;
+with pipeline stages the last stage picks the token with rank 0's ``u`` and sends it back to rank 0.
 
 Images (K2.5+): ``media=(pixel_values [N,3,14,14], grid_thws [(t,h,w), ...])`` goes to the prefill call
 only, where the model splices each image's MoonViT rows in place of its ``<|media_pad|>``:
@@ -36,11 +39,13 @@ from typing import Callable, Iterable, Sequence
 
 import torch
 
-from kimi_ref import parallel
-from kimi_ref.parallel import SINGLE, TP
+from kimi_ref import control
+from kimi_ref.control import receive_ids, send_ids
+from kimi_ref.parallel import ONE_STAGE, SINGLE, TP
 
 __all__ = ["ContextError", "Generation", "Media", "check_context", "media_rows", "expanded_length", "top_p_filter",
-           "sample_next", "make_generator", "stop_ids_for", "generate", "send_ids", "receive_ids"]
+           "draw_uniform", "pick_token", "sample_next", "make_generator", "stop_ids_for", "generate", "send_ids",
+           "receive_ids"]
 
 DEFAULT_TEMPERATURE = 1.0
 DEFAULT_TOP_P = 0.95
@@ -152,22 +157,38 @@ def make_generator(seed: int | None) -> torch.Generator:
     return g
 
 
+def draw_uniform(batch: int, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor | None:
+    """The uniform draws u [B, 1] (float64) for the next tokens; None at temperature 0 (greedy draws nothing)."""
+    if temperature == 0:
+        return None
+    return torch.rand(batch, 1, generator=generator, dtype=torch.float64)
+
+
+def pick_token(logits: torch.Tensor, temperature: float, top_p: float, u: torch.Tensor | None) -> torch.Tensor:
+    """Next token ids [B] from logits [B, V] and the draws ``u`` [B, 1] of :func:`draw_uniform` (see module doc)."""
+    check_sampling(temperature, top_p)
+    if logits.dim() != 2:
+        raise ValueError(f"sampling takes logits [batch, vocab], found shape {tuple(logits.shape)}")
+    logits = logits.detach().to("cpu", torch.float64)
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # the first of equal maxima, as everywhere in torch
+    if u is None or tuple(u.shape) != (logits.shape[0], 1):
+        raise ValueError(f"sampling at temperature {temperature} needs draws u [{logits.shape[0]}, 1], "
+                         f"found {None if u is None else tuple(u.shape)}")
+    probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
+    cdf = torch.cumsum(probs, dim=-1)
+    picked = torch.searchsorted(cdf, u.to(torch.float64) * cdf[:, -1:], right=True).squeeze(-1)
+    # u < total mass, so picked < V; the clamp only guards the last ulp. A zero-probability token can
+    # never be picked: its cdf equals its predecessor's, and searchsorted(right=True) skips past it.
+    return picked.clamp_(max=logits.shape[-1] - 1)
+
+
 def sample_next(logits: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, top_p: float = DEFAULT_TOP_P,
                 generator: torch.Generator | None = None) -> torch.Tensor:
     """Next token ids [B] from logits [B, V]: greedy at temperature 0, else top-p sampling (see module doc)."""
     check_sampling(temperature, top_p)
-    if logits.dim() != 2:
-        raise ValueError(f"sample_next takes logits [batch, vocab], found shape {tuple(logits.shape)}")
-    logits = logits.detach().to("cpu", torch.float64)
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # the first of equal maxima, as everywhere in torch
-    probs = top_p_filter(torch.softmax(logits / temperature, dim=-1), top_p)
-    cdf = torch.cumsum(probs, dim=-1)
-    u = torch.rand(logits.shape[0], 1, generator=generator, dtype=torch.float64) * cdf[:, -1:]
-    picked = torch.searchsorted(cdf, u, right=True).squeeze(-1)
-    # u < total mass, so picked < V; the clamp only guards the last ulp. A zero-probability token can
-    # never be picked: its cdf equals its predecessor's, and searchsorted(right=True) skips past it.
-    return picked.clamp_(max=logits.shape[-1] - 1)
+    batch = logits.shape[0] if logits.dim() == 2 else 0
+    return pick_token(logits, temperature, top_p, draw_uniform(batch, temperature, generator))
 
 
 def stop_ids_for(tokenizer, config=None) -> tuple[int, ...]:
@@ -176,25 +197,6 @@ def stop_ids_for(tokenizer, config=None) -> tuple[int, ...]:
     if config is not None:
         ids += [i for i in config.eos_token_ids if i not in ids]
     return tuple(ids)
-
-
-# ---- moving a prompt from rank 0 to the others (only through parallel.broadcast) ----------------------
-
-
-def send_ids(ids: Sequence[int] | None, tp: TP, device: torch.device | str = "cpu") -> list[int]:
-    """Rank 0 passes ``ids``; every rank returns them. Length first, then the ids (one broadcast each)."""
-    if tp.world_size == 1:
-        return list(ids or [])
-    n = torch.tensor([len(ids) if tp.rank == 0 else 0], dtype=torch.long, device=device)
-    parallel.broadcast(n, tp)
-    buf = (torch.tensor(list(ids), dtype=torch.long, device=device) if tp.rank == 0
-           else torch.empty(int(n.item()), dtype=torch.long, device=device))
-    if int(n.item()):
-        parallel.broadcast(buf, tp)
-    return buf.tolist()
-
-
-receive_ids = send_ids  # the workers' side of the same call reads better under this name
 
 
 # ---- the loop ------------------------------------------------------------------------------------------
@@ -209,8 +211,9 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
              media: Media | None = None) -> Generation:
     """Generate up to ``max_new_tokens`` tokens after ``prompt_ids`` (one sequence).
 
-    Every TP rank calls this with the same prompt; rank 0 samples (from ``generator``, or one seeded
-    with ``seed``) and broadcasts each token, so only rank 0's sampling settings matter.
+    Every rank (every TP rank of every pipeline stage) calls this with the same prompt; rank 0 draws
+    the sampling stream (from ``generator``, or one seeded with ``seed``) and decides each step (see
+    ``control.py``), so only rank 0's sampling settings and stop ids matter.
     ``on_token(id)`` runs on every rank that passes one, after each token (streaming).
     ``should_stop()`` is asked on rank 0 after each token (e.g. "Ctrl-C was pressed"); a True ends
     the generation on every rank with finish_reason "interrupted".
@@ -218,6 +221,7 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     module doc); every rank passes the same. ``media=None`` or no images: a text-only prompt.
     """
     tp = getattr(model, "tp", SINGLE) if tp is None else tp
+    pp = getattr(model, "pp", ONE_STAGE)
     check_sampling(temperature, top_p)
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, found {max_new_tokens}")
@@ -237,32 +241,42 @@ def generate(model, prompt_ids: Sequence[int] | torch.Tensor, *, max_new_tokens:
     if media is not None:
         images = {"pixel_values": media[0].to(device), "grid_thws": [tuple(int(v) for v in g) for g in media[1]]}
     rng = generator if generator is not None else make_generator(seed)
+    root = pp.first and tp.rank == 0
+
+    def decide(token: int, produced: int) -> control.Step | None:
+        """Rank 0's control for the step that feeds ``token`` (-1: the prefill) after ``produced`` tokens."""
+        if not root:
+            return None
+        verdict = (control.STOP if token in stops else
+                   control.INTERRUPTED if token >= 0 and should_stop is not None and should_stop() else
+                   control.LENGTH if produced >= budget else control.GO)
+        u = draw_uniform(1, temperature, rng) if verdict == control.GO else None
+        return control.Step(verdict, token, float("nan") if u is None else float(u), temperature, top_p)
+
+    def next_token(logits: torch.Tensor | None, step: control.Step) -> int | None:
+        """The last stage picks with rank 0's draw; the token comes home to stage 0 (None on middle stages)."""
+        token = None
+        if logits is not None:
+            u = None if step.greedy else torch.tensor([[step.u]], dtype=torch.float64)
+            token = int(pick_token(logits[:, -1], step.temperature, step.top_p, u)[0])
+        return control.token_home(token, pp, device)
 
     tokens: list[int] = []
     step_seconds: list[float] = []
-    reason = "length"
     start = time.perf_counter()
-    logits = model(torch.tensor([prompt], device=device), cache, **images)[:, -1]
+    step = control.share_step(decide(-1, 0), tp, pp, device)
+    token = next_token(model(torch.tensor([prompt], device=device), cache, **images), step)
     prefill_seconds = time.perf_counter() - start
     decode_start = time.perf_counter()
     while True:
-        # [token, verdict]: verdict 0 = go on, 1 = stop token, 2 = interrupted. Decided on rank 0 only.
-        message = torch.zeros(2, dtype=torch.long, device=device)
-        if tp.rank == 0:
-            token = int(sample_next(logits, temperature, top_p, rng)[0])
-            interrupted = should_stop is not None and should_stop()
-            message[0], message[1] = token, 1 if token in stops else 2 if interrupted else 0
-        parallel.broadcast(message, tp)
-        token, verdict = int(message[0]), int(message[1])
-        tokens.append(token)
+        step = control.share_step(decide(token, len(tokens) + 1) if root else None, tp, pp, device)
+        tokens.append(step.token)
         if on_token is not None:
-            on_token(token)
-        if verdict:
-            reason = "stop" if verdict == 1 else "interrupted"
+            on_token(step.token)
+        if not step.goes_on:
+            reason = control.FINISH_REASONS[step.verdict]
             break
-        if len(tokens) >= budget:
-            break
-        step = time.perf_counter()
-        logits = model(torch.tensor([[token]], device=device), cache)[:, -1]
-        step_seconds.append(time.perf_counter() - step)
+        t0 = time.perf_counter()
+        token = next_token(model(torch.tensor([[step.token]], device=device), cache), step)
+        step_seconds.append(time.perf_counter() - t0)
     return Generation(tokens, length, reason, prefill_seconds, time.perf_counter() - decode_start, step_seconds)

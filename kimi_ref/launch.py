@@ -139,12 +139,13 @@ def _worker(rank: int, world_size: int, device: str, init_method: str, timeout_s
 
 
 def launch(fn: Callable[..., Any], world_size: int, device: str = "cpu", *args: Any,
-           timeout_s: float = 1800.0) -> Any:
+           timeout_s: float = 1800.0, flags: str = "--tp") -> Any:
     """Run ``fn(tp, device, *args)`` on every rank of a ``world_size``-way tensor-parallel group.
 
     Returns what ``fn`` returned on this process's rank (rank 0 when we spawned the others). ``fn``
     must be importable by name (a module-level function) so spawned workers can find it.
-    ``timeout_s`` bounds how long a collective waits for a rank that died or hangs.
+    ``timeout_s`` bounds how long a collective waits for a rank that died or hangs. ``flags``: the
+    command-line flags that asked for ``world_size`` ranks, for the message when torchrun disagrees.
     """
     if not isinstance(world_size, int) or world_size < 1:
         raise TPError(f"--tp must be a positive integer, found {world_size!r}")
@@ -153,7 +154,7 @@ def launch(fn: Callable[..., Any], world_size: int, device: str = "cpu", *args: 
     if env is not None and env[1] > 1:
         rank, world, local = env
         if world != world_size:
-            raise LaunchError(f"torchrun started {world} processes (WORLD_SIZE), but --tp is {world_size}; "
+            raise LaunchError(f"torchrun started {world} processes (WORLD_SIZE), but {flags} is {world_size}; "
                               "they must be equal")
         return _run_rank(rank, world, local, device, "env://", timeout_s, fn, args)
     if world_size == 1:

@@ -28,6 +28,13 @@ prompt); the causal mask always follows the order of the rows.
 only its own ids (zeros elsewhere) and one all-reduce completes the embedding; logits are all-gathered
 along the vocabulary. Attention and MLP each end in one all-reduce (inside ``mla.py``/``experts.py``).
 
+**Pipeline stages** (``pp``, see ``parallel.py``): a stage builds only its block of layers, keyed by
+their global index (so its state-dict keys are the checkpoint's ``model.layers.{i}.…``), and its cache
+holds only those layers. Stage 0 also holds the embedding (and the vision tower), the last stage the
+final norm and lm_head. ``forward`` on a later stage ignores ``input_ids`` and receives the residual
+stream [B,T,d] from the stage before; a stage before the last sends its residual stream on and returns
+None. Only the last stage's ranks get logits.
+
 Float64 twin: ``kimi_ref/oracle/model.py``.
 """
 
@@ -43,10 +50,10 @@ from kimi_ref.config import KimiConfig
 from kimi_ref.experts import DenseMLP, MoE
 from kimi_ref.mla import MLA, MLA_MODES, KVCache
 from kimi_ref.norms import RMSNorm
-from kimi_ref.parallel import SINGLE, TP
+from kimi_ref.parallel import ONE_STAGE, PP, SINGLE, TP
 from kimi_ref.rope import RotaryEmbedding
 
-__all__ = ["BACKENDS", "DecoderLayer", "VocabParallelEmbedding", "KimiModel", "KimiForCausalLM"]
+__all__ = ["BACKENDS", "DecoderLayer", "LayerBlock", "VocabParallelEmbedding", "KimiModel", "KimiForCausalLM"]
 
 class DecoderLayer(nn.Module):
     """One pre-norm block [B,T,d] -> [B,T,d]: attention then MLP, each added to the residual stream."""
@@ -98,28 +105,66 @@ class VocabParallelEmbedding(nn.Module):
         return f"rows {self.start}..{self.start + self.weight.shape[0] - 1} of {self.vocab_size}, d={self.weight.shape[1]}"
 
 
-class KimiModel(nn.Module):
-    """``model.``: embedding, the decoder layers, the final norm. Returns the final-norm hidden states."""
+class LayerBlock(nn.ModuleDict):
+    """Decoder layers keyed by their index in the whole model: all of them, or one pipeline stage's block.
 
-    def __init__(self, config: KimiConfig, *, tp: TP = SINGLE, dtype: torch.dtype = torch.float32,
+    Reads like the ``nn.ModuleList`` it replaces: ``layers[i]`` is layer i (a global index), iterating
+    yields the layers in order, ``len`` counts them. The keys make the state-dict names
+    ``layers.{i}.…`` whichever block a stage holds.
+    """
+
+    def __init__(self, layers: dict[int, nn.Module]):
+        super().__init__({str(i): layer for i, layer in sorted(layers.items())})
+
+    def __getitem__(self, index: int) -> nn.Module:
+        if str(index) not in self._modules:
+            raise IndexError(f"layer {index} is not in this block (layers {', '.join(self._modules)})")
+        return self._modules[str(index)]
+
+    def __iter__(self):
+        return iter(self._modules.values())
+
+
+class KimiModel(nn.Module):
+    """``model.``: embedding, the decoder layers, the final norm. Returns the final-norm hidden states.
+
+    With ``pp`` (a pipeline stage): only that stage's layers; the embedding on the first stage, the
+    final norm on the last (``None`` elsewhere).
+    """
+
+    def __init__(self, config: KimiConfig, *, tp: TP = SINGLE, pp: PP = ONE_STAGE, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = "cpu", mla_mode: str = "absorbed", backend: str = "torch"):
         super().__init__()
-        self.config = config
+        self.config, self.pp = config, pp
         kw = {"tp": tp, "dtype": dtype, "device": device}
-        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **kw)
-        self.layers = nn.ModuleList(DecoderLayer(config, i, mla_mode=mla_mode, backend=backend, **kw)
-                                    for i in range(config.num_hidden_layers))
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device)
+        self.layer_range = parallel.stage_layers(config.num_hidden_layers, pp.stages)[pp.stage]
+        # A tied lm_head reads the embedding, so the last stage then holds it too.
+        holds_embedding = pp.first or (pp.last and config.tie_word_embeddings)
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, **kw) if holds_embedding else None
+        self.layers = LayerBlock({i: DecoderLayer(config, i, mla_mode=mla_mode, backend=backend, **kw)
+                                  for i in self.layer_range})
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype, device=device) if pp.last else None
         self.rotary = RotaryEmbedding(config.rope, config.qk_rope_head_dim)  # one table for every layer
         use_backend(self, backend)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The residual stream's dtype: the dense weights' (every stage holds a layer's norm)."""
+        return next(iter(self.layers)).input_layernorm.weight.dtype
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [B,T,d] of checked ids [B,T]."""
+        if self.embed_tokens is None:
+            raise ValueError(f"pipeline stage {self.pp.stage} of {self.pp.stages} holds no embedding: token ids "
+                             "go to stage 0, later stages take the residual stream as inputs_embeds")
         return self.embed_tokens(_check_ids(input_ids, self.config.vocab_size))
 
     def forward(self, input_ids: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 positions: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """Final-norm hidden states [B,T,d] (what lm_head reads). Give ``input_ids`` or ``inputs_embeds``."""
+        """Final-norm hidden states [B,T,d] (what lm_head reads). Give ``input_ids`` or ``inputs_embeds``.
+
+        On a pipeline stage: ``inputs_embeds`` is the residual stream from the stage before, and a stage
+        before the last returns its residual stream (no final norm)."""
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("KimiModel: give exactly one of input_ids [B,T] and inputs_embeds [B,T,d]")
         if inputs_embeds is None:
@@ -128,7 +173,7 @@ class KimiModel(nn.Module):
             if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.hidden_size or inputs_embeds.shape[1] == 0:
                 raise ValueError(f"inputs_embeds must be [batch, time >= 1, {self.config.hidden_size}], "
                                  f"found {tuple(inputs_embeds.shape)}")
-            x = inputs_embeds.to(self.norm.weight.dtype)
+            x = inputs_embeds.to(self.dtype)
         b, t = x.shape[:2]
         start = 0 if cache is None else self._check_cache(cache, b, t)
         if positions is None:
@@ -140,7 +185,7 @@ class KimiModel(nn.Module):
             x = layer(x, positions, None if cache is None else cache[i], cos_sin=cos_sin)
         if cache is not None:
             cache.length = start + t  # each layer advanced itself; keep the shared counter in step
-        return self.norm(x)
+        return x if self.norm is None else self.norm(x)
 
     def _check_cache(self, cache: KVCache, b: int, t: int) -> int:
         if not isinstance(cache, KVCache) or len(cache) != len(self.layers):
@@ -160,20 +205,20 @@ class KimiForCausalLM(nn.Module):
     grid_thws=None) -> logits float32 [B,T',V]`` (T' = T, or the expanded length when images are spliced).
     """
 
-    def __init__(self, config: KimiConfig, *, tp: TP = SINGLE, dtype: torch.dtype = torch.float32,
+    def __init__(self, config: KimiConfig, *, tp: TP = SINGLE, pp: PP = ONE_STAGE, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = "cpu", mla_mode: str = "absorbed", backend: str = "torch"):
         super().__init__()
         if mla_mode not in MLA_MODES:
             raise ValueError(f"mla_mode must be one of {MLA_MODES}, found {mla_mode!r}")
-        parallel.validate_tp(config, tp.world_size)
-        self.config, self.tp, self.mla_mode = config, tp, mla_mode
-        self.model = KimiModel(config, tp=tp, dtype=dtype, device=device, mla_mode=mla_mode, backend=backend)
-        if config.tie_word_embeddings:
-            self.lm_head = None  # the output projection is model.embed_tokens.weight
+        parallel.validate_layout(config, tp.world_size, pp.stages)
+        self.config, self.tp, self.pp, self.mla_mode = config, tp, pp, mla_mode
+        self.model = KimiModel(config, tp=tp, pp=pp, dtype=dtype, device=device, mla_mode=mla_mode, backend=backend)
+        if config.tie_word_embeddings or not pp.last:
+            self.lm_head = None  # tied: the output projection is model.embed_tokens.weight; or no head on this stage
         else:
             self.lm_head = nn.Linear(config.hidden_size, tp.local(config.vocab_size, "vocab_size"), bias=False,
                                      dtype=dtype, device=device)
-        if config.vision is not None:  # kimi_k25 layout: MoonViT tower + patch-merger projector, replicated
+        if config.vision is not None and pp.first:  # kimi_k25 layout: MoonViT tower + patch-merger projector, replicated
             self.vision_tower = moonvit.VisionTower(config.vision, dtype=dtype, device=device)
             self.mm_projector = moonvit.Projector(config.vision, dtype=dtype, device=device)
         self.set_backend(backend)
@@ -201,15 +246,24 @@ class KimiForCausalLM(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, cache: KVCache | None = None, *,
                 positions: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, grid_thws=None) -> torch.Tensor:
-        if pixel_values is not None:
+                pixel_values: torch.Tensor | None = None, grid_thws=None) -> torch.Tensor | None:
+        if pixel_values is not None and self.pp.first:  # later stages get the spliced stream itself
             inputs_embeds, positions = self.splice_media(input_ids, pixel_values, grid_thws, inputs_embeds, positions,
                                                          0 if cache is None else cache.length)
             input_ids = None
-        elif grid_thws is not None:
+        elif grid_thws is not None and pixel_values is None:
             raise ValueError("grid_thws was given without pixel_values")
+        if not self.pp.first:  # the residual stream comes from the stage before; input_ids stay unread
+            input_ids, inputs_embeds = None, _recv_stream(self.pp, self.config.hidden_size, self.model.dtype,
+                                                          self._device())
         hidden = self.model(input_ids, cache, positions=positions, inputs_embeds=inputs_embeds)
+        if not self.pp.last:
+            _send_stream(hidden, self.pp)
+            return None
         return self.logits(hidden)
+
+    def _device(self) -> torch.device:
+        return next(self.parameters()).device
 
     def splice_media(self, input_ids: torch.Tensor | None, pixel_values: torch.Tensor, grid_thws,
                      inputs_embeds: torch.Tensor | None = None, positions: torch.Tensor | None = None,
@@ -231,7 +285,22 @@ class KimiForCausalLM(nn.Module):
         return spliced.embeds, spliced.positions + start
 
     def extra_repr(self) -> str:
-        return f"mla_mode={self.mla_mode!r}, tp={self.tp.rank}/{self.tp.world_size}"
+        block = self.model.layer_range
+        stage = f", stage {self.pp.stage}/{self.pp.stages} (layers {block.start}..{block.stop - 1})" if self.pp.stages > 1 else ""
+        return f"mla_mode={self.mla_mode!r}, tp={self.tp.rank}/{self.tp.world_size}{stage}"
+
+
+# The residual stream between stages: its [B, T] first (a later stage cannot know T' when images were
+# spliced), then the values, TP rank t to TP rank t of the next stage.
+
+def _send_stream(x: torch.Tensor, pp: PP) -> None:
+    parallel.send(torch.tensor(x.shape[:2], dtype=torch.long, device=x.device), pp.next, pp)
+    parallel.send(x, pp.next, pp)
+
+
+def _recv_stream(pp: PP, hidden: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    shape = parallel.recv(torch.empty(2, dtype=torch.long, device=device), pp.prev, pp)
+    return parallel.recv(torch.empty(*shape.tolist(), hidden, dtype=dtype, device=device), pp.prev, pp)
 
 
 def _check_ids(input_ids: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -292,6 +292,34 @@ def test_send_ids_single_rank_is_identity():
     assert send_ids([3, 1, 4], SINGLE) == [3, 1, 4]
 
 
+def test_step_control_travels_as_one_tensor():
+    """control.Step: verdict, token, the uniform draw and the sampling settings in one float64 tensor,
+    exactly (every token id < 2^53; u to the last bit; NaN u = greedy)."""
+    from kimi_ref import control
+    from kimi_ref.parallel import ONE_STAGE, SINGLE
+
+    u = float(torch.rand(1, generator=make_generator(3), dtype=torch.float64))
+    step = control.Step(control.GO, 163_839, u, 1.0, 0.95)
+    assert control.Step.from_tensor(step.tensor("cpu")) == step and step.goes_on and not step.greedy
+    greedy = control.Step.from_tensor(control.Step(control.STOP, 2**52 + 1, float("nan"), 0.0, 0.95).tensor("cpu"))
+    assert greedy.greedy and greedy.token == 2**52 + 1 and not greedy.goes_on
+    assert control.FINISH_REASONS[greedy.verdict] == "stop"
+    assert control.share_step(step, SINGLE) == step and control.token_home(7, ONE_STAGE) == 7  # one rank: no sends
+
+
+def test_sampling_splits_into_rank_0s_draw_and_the_pick():
+    """sample_next = pick_token(draw_uniform): rank 0 draws, the last pipeline stage picks, same token."""
+    from kimi_ref.generate import draw_uniform, pick_token
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    for temperature, top_p in ((1.0, 0.95), (0.7, 0.5), (0.0, 0.95)):
+        split = pick_token(logits, temperature, top_p, draw_uniform(3, temperature, make_generator(5)))
+        assert torch.equal(split, sample_next(logits, temperature, top_p, make_generator(5)))
+    assert draw_uniform(1, 0.0, make_generator(5)) is None  # greedy draws nothing: the stream stays in step
+    with pytest.raises(ValueError, match=r"needs draws u \[3, 1\], found None"):
+        pick_token(logits, 1.0, 0.95, None)
+
+
 def test_decode_speed_is_reported(model):
     result = generate(model, [1, 2, 3], max_new_tokens=5, temperature=0)
     assert len(result.step_seconds) == 4 and result.prefill_seconds > 0

@@ -1,4 +1,5 @@
-"""Tensor parallelism end to end on the CPU (gloo, spawned ranks): TP = 2, 4, 8 agree with TP = 1.
+"""Tensor and pipeline parallelism end to end on the CPU (gloo, spawned ranks): TP = 2, 4, 8 and
+TP × PP = 2 × 2, 1 × 3, 4 × 2 agree with TP = 1.
 
 For each TP size the ranks load only their slices of a tiny checkpoint (real layout, INT4 experts) and
 compute, in float32: the logits of a prompt, a greedy continuation through the latent KV cache, and a
@@ -6,7 +7,8 @@ seeded top-p sample. Rank 0's results must equal the single-process ones: logits
 row of ``tolerances.py``, and the very same tokens.
 
 The shipped tiny config has 4 heads, so TP 8 needs a variant with 8 heads (:func:`write_tiny`);
-vocabulary 4096, 8 experts and the MLP widths divide 8 already.
+vocabulary 4096, 8 experts and the MLP widths divide 8 already. Its 3 layers split 2 + 1 (PP 2) and
+1 + 1 + 1 (PP 3). Two torchrun "nodes" on localhost: tests/test_multinode.py.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 from kimi_ref import parallel
 from kimi_ref.config import fixture_path, load_config, tiny_config
 from kimi_ref.launch import LaunchError, check_device, launch, rank_device, sub_tp, torchrun_env
-from kimi_ref.parallel import TPError
+from kimi_ref.parallel import PP, TPError
 from tolerances import assert_close
 from chapter_solutions import load_solutions
 
@@ -54,8 +56,35 @@ def _rank_results(tp, device, ckpt: str, prompt: list[int]):
     return logits.cpu(), greedy.tokens, sampled.tokens, greedy.finish_reason
 
 
+LAYOUTS = [(2, 2), (1, 3), (4, 2)]  # (TP, PP): an even and an uneven split of 3 layers, one layer per stage
+
+
+def _layout_results(world, device, ckpt: str, prompt: list[int], tp_size: int, pp_size: int):
+    """TP × PP on ranks 0..T·P-1 of ``world`` (every rank calls it): rank 0 returns what _rank_results does,
+    with the logits the last stage computed (sent to rank 0 through parallel.send/recv)."""
+    import kimi_ref
+    from kimi_ref.generate import generate
+
+    tp, pp = parallel.make_layout(world, tp_size, pp_size)
+    if tp is None:
+        return None
+    model = kimi_ref.load_model(ckpt, device=device, dtype=torch.float32, tp=tp, pp=pp, progress=False)
+    with torch.inference_mode():
+        logits = model(torch.tensor([prompt], device=device))
+    assert (logits is not None) == pp.last
+    if not pp.last and world.rank == 0:  # rank 0's peer on the last stage sends its logits home
+        logits = parallel.recv(torch.empty(1, len(prompt), model.config.vocab_size), pp.peer(pp.stages - 1), pp)
+    elif pp.last and tp.rank == 0 and not pp.first:
+        parallel.send(logits, pp.peer(0), pp)
+    greedy = generate(model, prompt, max_new_tokens=6, temperature=0)
+    sampled = generate(model, prompt, max_new_tokens=6, temperature=1.0, top_p=0.95, seed=1234)
+    held = sorted(int(k) for k in model.model.layers.keys())
+    return None if logits is None else logits.cpu(), greedy.tokens, sampled.tokens, greedy.finish_reason, held
+
+
 def _every_tp_size(tp, device, ckpt: str, prompt: list[int]):
-    """One launch of 8 ranks runs TP 1, 2, 4 and 8 (sub-groups of ranks 0..n-1): 7 worker starts, not 13."""
+    """One launch of 8 ranks runs TP 1, 2, 4 and 8 (sub-groups of ranks 0..n-1) and the TP × PP layouts:
+    7 worker starts, not 22."""
     results = {}
     for n in (1, 2, 4, 8):
         sub = sub_tp(tp, n)
@@ -63,6 +92,10 @@ def _every_tp_size(tp, device, ckpt: str, prompt: list[int]):
             out = _rank_results(sub, device, ckpt, prompt)
             if tp.rank == 0:
                 results[n] = out
+    for layout in LAYOUTS:
+        out = _layout_results(tp, device, ckpt, prompt, *layout)
+        if tp.rank == 0:
+            results[layout] = out
     return results
 
 
@@ -89,6 +122,92 @@ def test_tp_matches_single_process(by_tp, single, world_size):
     assert greedy == single[1], f"TP {world_size} greedy tokens differ from TP 1"
     assert sampled == single[2], f"TP {world_size} seeded sampled tokens differ from TP 1"
     assert reason == single[3] == "length" and len(greedy) == 6
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: f"tp{l[0]}xpp{l[1]}")
+def test_pipeline_stages_match_single_process(by_tp, single, layout):
+    logits, greedy, sampled, reason, held = by_tp[layout]
+    assert_close(logits, single[0], torch.float32, what=f"TP {layout[0]} × PP {layout[1]} logits vs TP 1")
+    assert greedy == single[1], f"TP {layout[0]} × PP {layout[1]} greedy tokens differ from TP 1"
+    assert sampled == single[2], f"TP {layout[0]} × PP {layout[1]} seeded sampled tokens differ from TP 1"
+    assert reason == single[3]
+    assert held == list(parallel.stage_layers(3, layout[1])[0])  # rank 0 holds only stage 0's layers
+
+
+def test_stage_holds_its_block_only():
+    """Stage 1 of 2 of the 3-layer tiny model: layer 2 (keyed by its global index), the final norm and
+    lm_head; no embedding, no vision tower; its cache covers its own layer only."""
+    from kimi_ref.model import KimiForCausalLM
+
+    config = tiny_config(load_config(fixture_path("kimi_k25")), vocab_size=4096)
+    assert [list(r) for r in parallel.stage_layers(61, 2)] == [list(range(31)), list(range(31, 61))]
+    assert [len(r) for r in parallel.stage_layers(61, 3)] == [21, 20, 20]
+    last = KimiForCausalLM(config, pp=PP(stage=1, stages=2), device="meta")
+    keys = last.state_dict().keys()
+    assert {k.split(".")[2] for k in keys if k.startswith("model.layers.")} == {"2"}
+    assert "lm_head.weight" in keys and "model.norm.weight" in keys
+    assert not any(k.startswith(("model.embed_tokens.", "vision_tower.", "mm_projector.")) for k in keys)
+    first = KimiForCausalLM(config, pp=PP(stage=0, stages=2), device="meta")
+    keys = first.state_dict().keys()
+    assert "model.embed_tokens.weight" in keys and "lm_head.weight" not in keys and "model.norm.weight" not in keys
+    assert any(k.startswith("vision_tower.") for k in keys)
+    assert first.model.layers[1] is list(first.model.layers)[1]
+    with pytest.raises(IndexError, match="layer 2 is not in this block"):
+        first.model.layers[2]
+
+
+def test_a_stage_reads_only_its_shards(ckpt8, monkeypatch):
+    """The tiny checkpoint keeps one shard per layer, one for embedding / norm / lm_head, two for vision:
+    stage 1 of 2 (layer 2, norm, lm_head) opens only the shards of layer 2 and of the head."""
+    import json
+
+    import safetensors
+
+    import kimi_ref
+
+    weight_map = json.loads((ckpt8 / "model.safetensors.index.json").read_text())["weight_map"]
+    opened, real_open = [], safetensors.safe_open
+
+    def recording_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(safetensors, "safe_open", recording_open)
+    model = kimi_ref.load_model(ckpt8, dtype=torch.float32, pp=PP(stage=1, stages=2), progress=False)
+    want = {weight_map["language_model.model.layers.2.input_layernorm.weight"], weight_map["language_model.lm_head.weight"]}
+    assert set(opened) == want and len(want) < len(set(weight_map.values()))
+    assert [layer.layer_idx for layer in model.model.layers] == [2] and model.model.embed_tokens is None
+
+
+def test_bad_layouts_are_refused(ckpt8):
+    import kimi_ref
+
+    config = load_config(ckpt8 / "config.json")
+    with pytest.raises(TPError, match="--pp 4 asks for more pipeline stages than the model has decoder layers "
+                                      r"\(num_hidden_layers = 3\)"):
+        parallel.validate_layout(config, 1, 4)
+    with pytest.raises(TPError, match=r"--tp 2 × --pp 2 = 4 ranks, but there are 8 processes"):
+        parallel.validate_layout(config, 2, 2, world_size=8)
+    with pytest.raises(TPError, match="--pp .* positive integer"):
+        parallel.validate_layout(config, 1, 0)
+    with pytest.raises(TPError, match="--tp 3 does not divide"):
+        parallel.validate_layout(config, 3, 1)
+    with pytest.raises(TPError, match="more pipeline stages"):
+        kimi_ref.load_model(ckpt8, pp=PP(stage=0, stages=5), progress=False)
+
+
+def test_chat_refuses_bad_layouts(monkeypatch, capsys):
+    """Before any rank starts: more stages than layers (kimi-nano has 4), and a torchrun world that
+    disagrees with --tp × --pp."""
+    from kimi_ref import chat
+
+    assert chat.main(["--pp", "5", "--device", "cpu", "--prompt", "hi"]) == 2
+    assert "--pp 5 asks for more pipeline stages than the model has decoder layers" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert chat.main(["--tp", "2", "--pp", "2", "--device", "cpu", "--prompt", "hi"]) == 2
+    assert ("torchrun started 2 processes (WORLD_SIZE), but --tp 2 × --pp 2 = 4; they must be equal"
+            in capsys.readouterr().err)
 
 
 def test_separate_tp2_launch(ckpt8, single):
@@ -174,6 +293,8 @@ def test_torchrun_environment(monkeypatch):
     assert torchrun_env() == (1, 2, 1)
     with pytest.raises(LaunchError, match="torchrun started 2 processes .* but --tp is 4"):
         launch(_rank_results, 4, "cpu")
+    with pytest.raises(LaunchError, match=r"torchrun started 2 processes .* but --tp 2 × --pp 2 is 4"):
+        launch(_rank_results, 4, "cpu", flags="--tp 2 × --pp 2")
     monkeypatch.setenv("RANK", "x")
     with pytest.raises(LaunchError, match="must be integers"):
         torchrun_env()
@@ -202,3 +323,8 @@ def test_solutions_chapter_10(ckpt8):
     c = {n: sol.rank_stored_values(small, n) for n in (1, 2, 4, 8)}
     assert c[1] > c[2] > c[4] > c[8]
     assert (c[1] - c[8]) * 4 == (c[1] - c[2]) * 7
+    # Exercise 4: at batch 1 each of P stages works 1/P of the time; P sequences in flight fill the bubble.
+    assert sol.stage_busy_fraction(2, 1) == 0.5 and sol.stage_busy_fraction(2, 2) == 1.0
+    assert sol.stage_busy_fraction(4, 3) == 0.75 and sol.stage_busy_fraction(4, 9) == 1.0
+    with pytest.raises(ValueError, match="at least 1"):
+        sol.stage_busy_fraction(0, 1)

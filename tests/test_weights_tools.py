@@ -190,6 +190,64 @@ def test_memory_plan_cli(tiny, capsys):
     assert "exceeds max_position_embeddings 262144" in capsys.readouterr().err
 
 
+def test_memory_plan_pipeline_stages():
+    """TP 8 × PP 2 on the real config: the stages' weights add up to TP 8's, each holding its block; the
+    cache is split 31 + 30 layers; the plan judges the stage that needs the most."""
+    config = load_config(fixture_path("kimi_k25"))
+    whole = memory_plan.weight_bytes(config, 8)
+    first = memory_plan.weight_bytes(config, 8, pp_size=2, stage=0)
+    last = memory_plan.weight_bytes(config, 8, pp_size=2, stage=1)
+    assert {c: first.get(c, 0) + last.get(c, 0) for c in whole} == whole
+    assert "lm_head" not in first and "embed_tokens" not in last and "vision_tower" not in last
+    assert first["dense_mlp"] == whole["dense_mlp"] and "dense_mlp" not in last  # layer 0 is stage 0's
+    assert last["routed_experts"] == first["routed_experts"]  # 30 MoE layers each: 1..30 and 31..60
+    p = memory_plan.plan(config, 8, 262_144, pp=2)
+    assert p.stage == 0 and p.kv_cache == 262_144 * 31 * 576 * 2
+    assert p.total == max(p.stage_totals) and len(p.stage_totals) == 2
+    h100 = memory_plan.GPUS["H100 80GB"]
+    assert memory_plan.plan(config, 8, 262_144).total > h100 > p.total  # one node does not fit, two do
+    assert memory_plan.max_context(config, 8, 1, 1024, h100, pp=2) == 262_144
+
+
+def test_link_traffic_per_token():
+    """Bytes per decoded token between two nodes of 8, counted here from the module doc's rules."""
+    config = load_config(fixture_path("kimi_k25"))
+    d, V, L = 7168, 163840, 61
+    pp2 = memory_plan.link_traffic(config, 8, 2)
+    assert pp2.total_bytes == 8 * (40 + 16 + 2 * d) + 8 and pp2.messages == 4
+    tp16 = memory_plan.link_traffic(config, 16, 1)
+    edge = (1 + 2 * L) * 2 * 15 / 16 * 2 * d + 15 / 16 * V * 4 + 2 * 15 / 16 * 40
+    assert tp16.total_bytes == pytest.approx(2 * edge) and tp16.link_bytes == pytest.approx(edge)
+    assert tp16.seconds() > 30 * pp2.seconds()
+    assert memory_plan.link_traffic(config, 8, 1).total_bytes == 0  # one node: nothing crosses
+    assert memory_plan.link_traffic(config, 4, 2).total_bytes == 0  # both stages on one node of 8
+
+
+def test_memory_plan_pp_cli(capsys):
+    config = str(fixture_path("kimi_k25"))
+    assert memory_plan.main(["--config", config, "--tp", "8", "--pp", "2", "--gpu-mem", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "TP=8 × PP=2" in out and "stages: 0: layers 0..30" in out and "1: layers 31..60" in out
+    assert "16 × 80GiB GPU (80.00 GiB each): fits" in out and "longest context at batch 1: 262,144 tokens" in out
+    assert "TP 8 × PP 2: 115.14 kB over all links" in out and "TP 16: " in out
+    assert memory_plan.parse_bytes("141GB") == 141 * 10**9 and memory_plan.parse_bytes("81559MiB") == 81559 * 2**20
+    assert memory_plan.main(["--config", config, "--gpu-mem", "80 potatoes"]) == 2
+    assert "--gpu-mem '80 potatoes': expected a size such as 80GiB" in capsys.readouterr().err
+    assert memory_plan.main(["--config", config, "--tp", "8", "--pp", "62"]) == 2
+    assert "--pp 62 asks for more pipeline stages than the model has decoder layers" in capsys.readouterr().err
+
+
+def test_machines_table_in_the_docs_is_the_tools():
+    """docs/full_weight_run.md shows `memory_plan --machines` for the real config, as the tool prints it now."""
+    config = load_config(fixture_path("kimi_k25"))
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "full_weight_run.md").read_text(encoding="utf-8")
+    begin, end = "<!-- memory_plan --machines: begin -->\n", "\n<!-- memory_plan --machines: end -->"
+    assert begin in doc and end in doc, "the table's markers are missing from docs/full_weight_run.md"
+    shown = doc.split(begin, 1)[1].split(end, 1)[0]
+    assert shown == memory_plan.machines_table(config, config.max_position_embeddings), \
+        "regenerate it: python -m weights_tools.memory_plan --config kimi_ref/data/configs/kimi_k25.json --machines"
+
+
 # ---- dequantize ------------------------------------------------------------------------------------------
 
 

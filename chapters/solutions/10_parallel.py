@@ -35,3 +35,12 @@ def rank_stored_values(config, world_size: int) -> int:
             n *= s
         total += n
     return total
+
+
+def stage_busy_fraction(stages: int, sequences: int) -> float:
+    """Decode with ``sequences`` sequences in flight through ``stages`` pipeline stages: each sequence's
+    next token needs its last one to leave the last stage, so it passes every stage once per round of
+    ``stages`` steps; a stage has work in ``min(sequences, stages)`` of them."""
+    if stages < 1 or sequences < 1:
+        raise ValueError(f"stages and sequences must be at least 1, found {stages} and {sequences}")
+    return min(sequences, stages) / stages
