@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _SUBMODULES = {
     "config", "bpe", "tokenizer", "chat_template", "tool_declarations", "tool_parsing", "norms", "rope", "mla",
     "router", "experts", "int4", "backend", "media", "moonvit", "tools", "model", "checkpoint", "parallel",
-    "generate", "chat", "serve", "oracle", "kernels", "muonclip", "launch", "checkpoint_chat", "template_proof",
+    "generate", "control", "session", "chat", "serve", "oracle", "kernels", "muonclip", "launch", "checkpoint_chat", "template_proof",
     "tolerances",
 }
 

@@ -495,7 +495,7 @@ def test_tools_file_and_conversation_files(tmp_path):
 
 
 def test_printer_keeps_sections_apart():
-    from kimi_ref.chat import _Printer
+    from kimi_ref.session import _Printer
 
     out = io.StringIO()
     printer = _Printer(out)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from kimi_ref import chat as chat_cli
+from kimi_ref import session
 from kimi_ref.chat_template import ChatTemplateError, render
 from kimi_ref.checkpoint_chat import (VARIANT_FIELD, ChatSetupError, VariantUnknown, chat_setup, check_special_tokens,
                                       fingerprint, read_generation_config)
@@ -238,9 +239,11 @@ def test_checkpoint_template_refuses_typed_special_tokens(reference, tiny, tmp_p
 
 
 def test_without_jinja2_the_proof_is_skipped_and_says_so(reference, tiny, tmp_path, monkeypatch):
+    import kimi_ref.checkpoint_chat as checkpoint_chat
     import kimi_ref.template_proof as proof
 
     monkeypatch.setattr(proof, "jinja_available", lambda: False)
+    monkeypatch.setattr(checkpoint_chat, "jinja_available", lambda: False)  # imported by name there
     ckpt = synthesize(tiny, tmp_path / "ckpt", "kimi_k25", genuine(reference, "k2.5"))
     setup = chat_setup(ckpt)
     assert setup.variant == "k2.5" and "check against the checkpoint's template was skipped: jinja2 is not installed" \
@@ -326,13 +329,13 @@ def test_k27_code_gets_its_fixed_settings_by_default(tiny):
 def recorded(monkeypatch):
     """chat.generate, wrapped: every call's keyword arguments (and the prompt) are recorded."""
     calls = []
-    real = chat_cli.generate
+    real = session.generate
 
     def spy(model, ids, **kwargs):
         calls.append({"ids": list(ids), **kwargs})
         return real(model, ids, **kwargs)
 
-    monkeypatch.setattr(chat_cli, "generate", spy)
+    monkeypatch.setattr(session, "generate", spy)  # rank 0 generates from its Session
     return calls
 
 

@@ -161,18 +161,17 @@ def test_a_stage_reads_only_its_shards(ckpt8, monkeypatch):
     stage 1 of 2 (layer 2, norm, lm_head) opens only the shards of layer 2 and of the head."""
     import json
 
-    import safetensors
-
     import kimi_ref
+    from kimi_ref import checkpoint
 
     weight_map = json.loads((ckpt8 / "model.safetensors.index.json").read_text())["weight_map"]
-    opened, real_open = [], safetensors.safe_open
+    opened, real_open = [], checkpoint.safe_open
 
     def recording_open(path, *args, **kwargs):
         opened.append(Path(path).name)
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(safetensors, "safe_open", recording_open)
+    monkeypatch.setattr(checkpoint, "safe_open", recording_open)  # every shard read goes through it
     model = kimi_ref.load_model(ckpt8, dtype=torch.float32, pp=PP(stage=1, stages=2), progress=False)
     want = {weight_map["language_model.model.layers.2.input_layernorm.weight"], weight_map["language_model.lm_head.weight"]}
     assert set(opened) == want and len(want) < len(set(weight_map.values()))

@@ -219,12 +219,12 @@ def test_chat_save_continues_its_own_file_and_reports_failures(answer_ckpt, tmp_
     assert [m["content"] for m in load_conversation(conv)[0] if m["role"] == "user"] == ["one", "two"]
     capsys.readouterr()
 
-    import kimi_ref.chat as chat_module
+    import kimi_ref.session as session_module  # Session saves through it after every turn
 
     def disk_full(*args, **kwargs):
         raise OutputError(f"--save {conv}: cannot write (No space left on device)")
 
-    monkeypatch.setattr(chat_module, "save_conversation", disk_full)
+    monkeypatch.setattr(session_module, "save_conversation", disk_full)
     monkeypatch.setattr(sys, "stdin", io.StringIO("three\nfour\n"))
     assert chat_main([*base, "--load", str(conv), "--save", str(conv)]) == 1  # the REPL went on; the exit says so
     out = capsys.readouterr().out
