@@ -180,6 +180,12 @@ def test_quantization_ignore_list_decides(k25_config):
     expected = expected_tensors(cfg)
     assert "language_model.model.layers.1.mlp.shared_experts.up_proj.weight_packed" in expected
     assert "language_model.model.layers.1.mlp.shared_experts.up_proj.weight" not in expected
+    # A rule naming one layer's experts decides for that layer only (the list repeats a layer per kind).
+    one_layer = cfg.replace(quantization=dataclasses.replace(q, ignore=q.ignore + (r"re:model\.layers\.2\.mlp\.experts\.[0-3]\.",)))
+    listed = expected_tensors(one_layer)
+    for layer, expert, dense in ((2, 3, True), (2, 4, False), (1, 3, False)):
+        name = f"language_model.model.layers.{layer}.mlp.experts.{expert}.up_proj"
+        assert (name + ".weight" in listed, name + ".weight_packed" in listed) == (dense, not dense), name
     none = expected_tensors(cfg.replace(quantization=None))
     assert "language_model.model.layers.1.mlp.experts.0.up_proj.weight" in none
     assert not any(n.endswith("weight_packed") for n in none)
@@ -685,6 +691,7 @@ def _variants():
         t.replace(attention_bias=True), t.replace(q_lora_rank=None), t.replace(tie_word_embeddings=True),
         t.replace(n_shared_experts=0), t.replace(n_shared_experts=2), t.replace(dtype="float16"), t.replace(dtype=None),
         t.replace(first_k_dense_replace=5), t.replace(moe_layer_freq=2), t.replace(quantization=None),
+        t.replace(first_k_dense_replace=0), t.replace(first_k_dense_replace=2, moe_layer_freq=2, num_hidden_layers=7),
         t.replace(quantization=dataclasses.replace(q, ignore=tuple(r for r in q.ignore if "shared" not in r))),
         t.replace(v_head_dim=24), tiny[1].replace(attention_bias=True),
     ]
