@@ -369,10 +369,12 @@ class KimiConfig:
     rms_norm_eps: float = config_key(number, "eps of input/post-attention/final RMSNorms [1e-5] (the MLA latent norms "
                                      "q_a_layernorm/kv_a_layernorm use 1e-6 whatever this says; see mla.py)")
     # ---- tokens and the rest ----
-    bos_token_id: int | None = config_key(token_id, "[163584 ``[BOS]``]", default=None, also_top=True)
+    bos_token_id: int | None = config_key(token_id, "beginning-of-sequence id [163584 ``[BOS]``]", default=None,
+                                          also_top=True)
     eos_token_id: int | tuple[int, ...] | None = config_key(
-        token_ids, "[163585 ``[EOS]``]; a list in some files (kept as a tuple)", default=None, also_top=True)
-    pad_token_id: int | None = config_key(token_id, "[163839 ``[PAD]``]", default=None, also_top=True)
+        token_ids, "end-of-sequence id [163585 ``[EOS]``]; a list in some files (kept as a tuple)", default=None,
+        also_top=True)
+    pad_token_id: int | None = config_key(token_id, "padding id [163839 ``[PAD]``]", default=None, also_top=True)
     media_placeholder_token_id: int | None = about("``<|media_pad|>`` [163605], top level of the nested layout only")
     tie_word_embeddings: bool = config_key(flag, "lm_head shares the embedding [false]", default=False, also_top=True)
     num_nextn_predict_layers: int = config_key(integer, "multi-token-prediction layers [0; their tensors are not used]",

@@ -151,10 +151,10 @@ def square(r: Reader, key: str, default: Any) -> int:
 class Declared:
     """How one dataclass field is stored in a JSON config: under ``key`` (default: the field's name), read by
     ``kind``, ``default`` when absent (none: required); ``also_top``: in the nested layout it may sit at the
-    top level instead of in ``text_config`` (and is written to both); ``write``: whether ``to_dict`` writes it."""
+    top level as well as, or instead of, in ``text_config`` (both copies are checked, text_config's wins; it
+    is written to both); ``write``: whether ``to_dict`` writes it."""
 
     kind: Kind
-    meaning: str
     key: str | None = None
     default: Any = _MISSING
     also_top: bool = False
@@ -164,7 +164,7 @@ class Declared:
 def config_key(kind: Kind, meaning: str, *, key: str | None = None, default: Any = _MISSING, also_top: bool = False,
                write: bool = True) -> Any:
     """A dataclass field read from and written to a config file by the loops below (see the module doc)."""
-    return field(metadata={"meaning": meaning, "declared": Declared(kind, meaning, key, default, also_top, write)})
+    return field(metadata={"meaning": meaning, "declared": Declared(kind, key, default, also_top, write)})
 
 
 def about(meaning: str, **kw: Any) -> Any:
@@ -183,7 +183,7 @@ def declared(cls: type) -> Iterator[tuple[str, str, Declared]]:
 def read_declared(cls: type, r: Reader, top: Reader | None = None,
                   defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """{field: value} of every declared field of ``cls``, read from ``r`` (``also_top`` fields from ``top`` when
-    ``r`` lacks them); ``defaults`` overrides declared defaults by field name."""
+    ``r`` lacks them; checked in both when both hold them); ``defaults`` overrides declared defaults by field name."""
     values = {}
     for name, key, spec in declared(cls):
         default = (defaults or {}).get(name, spec.default)
