@@ -187,17 +187,17 @@ def is_quantized(config: KimiConfig, module: str) -> bool:
 def expected_tensors(config: KimiConfig, include_vision: bool = True) -> dict[str, tuple[tuple[int, ...], str]]:
     """Every tensor the checkpoint of ``config`` holds: {stored name: (shape, safetensors dtype tag)}.
 
-    Read off the model itself, so the architecture is written down once (``model.py`` and the modules
-    it builds): ``KimiForCausalLM(config)`` is built on the meta device (shapes only, no memory, no
-    initialisation), and each state-dict entry becomes a stored name through :func:`checkpoint_name`.
-    Two checkpoint rules are added on top: a text Linear that ``quantization_config`` quantizes is
-    stored INT4 (``weight_packed`` I32 [out, in/8], ``weight_scale`` BF16 [out, in/group],
-    ``weight_shape`` I32 [2]; readers also accept I64 for the last) — the model builds its routed
-    experts that way already, and the rule also covers a config that quantizes a Linear the model
-    keeps dense (which then fails to load, naming the tensor) — and every floating tensor is
-    stored in the config's ``dtype`` except the ones the model keeps in fp32 (the router's
-    ``e_score_correction_bias``). 208,550 entries for K2.5 with vision; multi-token-prediction
-    layers are not listed (see :func:`is_mtp`).
+    Read off the model itself, so the architecture is written down once (``model.py`` and the modules it
+    builds): ``KimiForCausalLM`` is built on the meta device (shapes and dtypes only, no memory, no
+    values) and each state-dict entry becomes a stored name through :func:`checkpoint_name`. Two checkpoint
+    rules decide how an entry is stored: a text Linear [out, in] that ``quantization_config`` quantizes
+    is three INT4 tensors (``weight_packed`` I32 [out, in/8], ``weight_scale`` BF16 [out, in/group],
+    ``weight_shape`` I32 [2]; readers also accept I64 for the last), any other one a ``weight`` (the
+    model builds its routed experts INT4 by the same rule; a config quantizing a Linear the model keeps
+    dense gets the INT4 names, and loading it then fails naming the tensor); and a floating tensor is
+    stored in the config's ``dtype`` unless the model keeps it in fp32 (the router's
+    ``e_score_correction_bias``). 208,550 entries for K2.5 with vision; multi-token-prediction layers
+    are not listed (see :func:`is_mtp`).
     """
     keep = (lambda key: True) if include_vision else (lambda key: not key.startswith(VISION_PREFIXES))
     return {checkpoint_name(key, config): spec for key, spec in _model_tensors(config).items() if keep(key)}
@@ -205,27 +205,51 @@ def expected_tensors(config: KimiConfig, include_vision: bool = True) -> dict[st
 
 @functools.lru_cache(maxsize=8)
 def _model_tensors(config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    # ~9 s for the real config (70,000 modules, each a few meta tensors); configs are frozen, so cache it.
-    dtype = DTYPES[_text_dtype(config)]
+    # A layer's index only names its tensors (and the INT4 rule, applied below per name, is the only thing
+    # that reads it), so the model is built up to one layer of each kind — dense, MoE — and that layer's
+    # entries are repeated for every layer of its kind: ~2 s for the real config instead of ~10 s for
+    # 70,000 expert modules. Everything is made on the meta device; the one real computation is the
+    # rotary table's qk_rope_head_dim/2 frequencies.
+    kinds = [config.is_moe_layer(i) for i in range(config.num_hidden_layers)]
+    first = {kind: kinds.index(kind) for kind in set(kinds)}  # the first layer of each kind
     try:
-        with torch.device("meta"):  # even helper tensors a module makes for itself stay shapes only
-            model = KimiForCausalLM(config, dtype=dtype, device="meta")
+        model = KimiForCausalLM(config.replace(num_hidden_layers=max(first.values()) + 1),
+                                dtype=DTYPES[_text_dtype(config)], device="meta")
     except int4.Int4Error as e:
         raise CheckpointError(str(e), config.source) from None
-    linears = {name for name, m in model.named_modules()
-               if isinstance(m, nn.Linear) and not name.startswith(VISION_PREFIXES)}
+    linears = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+               if isinstance(m, (nn.Linear, int4.W4A16Linear)) and not name.startswith(VISION_PREFIXES)}
+    state = model.state_dict(keep_vars=True)
+    by_layer: dict[int, list[str]] = defaultdict(list)
+    for key in state:
+        if _layer_of(key) is not None:
+            by_layer[_layer_of(key)].append(key)
     tensors: dict[str, tuple[tuple[int, ...], str]] = {}
-    for key, value in model.state_dict(keep_vars=True).items():
+
+    def add(name: str, key: str) -> None:  # model key ``key`` (of the built model) stored as ``name``
         module, _, part = key.rpartition(".")
-        if part == "weight" and module in linears and is_quantized(config, module):
-            tensors.update(_int4_tensors(module, tuple(value.shape), config))
-        else:
-            tensors[key] = (tuple(value.shape), _TAGS[value.dtype])
+        if module not in linears or part == "bias":
+            tensors[name] = (tuple(state[key].shape), _TAGS[state[key].dtype])
+        elif part in ("weight", "weight_packed"):  # the Linear itself, stored as the rule says
+            tensors.update(_linear_tensors(name.rpartition(".")[0], linears[module], config, _text_dtype(config)))
+
+    for key in state:  # in the model's order: embedding, layers 0..L-1, final norm, lm_head, vision
+        layer = _layer_of(key)
+        if layer is None:
+            add(key, key)
+        elif key == by_layer[0][0]:  # where the layers begin: all of them, each from its kind's first layer
+            for i, kind in enumerate(kinds):
+                for template in by_layer[first[kind]]:
+                    add(_LAYER.sub(f"model.layers.{i}.", template, count=1), template)
     return tensors
 
 
-def _int4_tensors(module: str, shape: tuple[int, ...], config: KimiConfig) -> dict[str, tuple[tuple[int, ...], str]]:
-    """The three compressed-tensors parts a quantized Linear [out, in] is stored as (sources §7)."""
+def _linear_tensors(module: str, shape: tuple[int, int], config: KimiConfig,
+                    dtype: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """How the text Linear ``module`` [out, in] is stored: one ``weight`` in ``dtype``, or, if the config
+    quantizes it, the three compressed-tensors INT4 parts (sources §7)."""
+    if not is_quantized(config, module):
+        return {f"{module}.weight": (shape, dtype)}
     out_f, in_f = shape
     group = config.quantization.group_size  # type: ignore[union-attr]
     if in_f % group or in_f % int4.PACK_FACTOR:

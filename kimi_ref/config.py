@@ -12,6 +12,13 @@ RoPE comes in two spellings: Kimi ships transformers-4 style ``rope_theta`` + ``
 transformers 5 rewrites it as one ``rope_parameters`` dict. Both are accepted; if both are present
 they must agree.
 
+**One declaration per key.** A field stored under one JSON key is declared once, with its kind, its
+meaning and (if it may be absent) its default: ``vocab_size: int = config_key(count, "embedding rows")``
+(``config_keys.py``). Reading (``from_dict``), writing (``to_dict``) and the list of known keys (the rest
+is kept in ``extra``) are loops over those declarations; ``help(KimiConfig)`` lists them. What is not
+one key per field is explicit code: the two layouts, the two RoPE spellings, the quantization block,
+dtype and the HF defaults.
+
 Nothing is assumed: a key that changes the forward pass and is missing is a :class:`ConfigError`
 naming the key and the file. (The one exception is documented where it happens: transformers'
 ``DeepseekV3Config`` has no ``topk_method``/``scoring_func`` keys because its model implements only
@@ -29,72 +36,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-__all__ = [
-    "ConfigError",
-    "RopeConfig",
-    "QuantConfig",
-    "VisionConfig",
-    "MediaConfig",
-    "KimiConfig",
-    "load_config",
-    "load_media_config",
-    "tiny_config",
-    "fixture_path",
-]
+from .config_keys import (ConfigError, Reader, about, config_key, count, count_pair, declared, documented, flag,
+                          integer, integer_or_null, number, read_declared, read_json, square, string, three_numbers,
+                          token_id, token_ids, write_declared)
 
-
-class ConfigError(ValueError):
-    """A config file is missing a key, has a wrong value, or has a layout we do not know."""
-
-
-_MISSING = object()
-
-
-class _Reader:
-    """Reads keys out of one JSON object and names the file and path in every error."""
-
-    def __init__(self, data: Mapping[str, Any], source: str, where: str = ""):
-        if not isinstance(data, Mapping):
-            raise ConfigError(f"{source}: {where or 'the file'} must be a JSON object, found {type(data).__name__}")
-        self.data, self.source, self.where = data, source, where
-
-    def _name(self, key: str) -> str:
-        return f"{self.where}.{key}" if self.where else key
-
-    def has(self, key: str) -> bool:
-        return key in self.data
-
-    def get(self, key: str, kind: type | tuple[type, ...], default: Any = _MISSING, *, nullable: bool = False) -> Any:
-        if key not in self.data:
-            if default is _MISSING:
-                raise ConfigError(f"{self.source}: required key '{self._name(key)}' is missing")
-            return default
-        value = self.data[key]
-        if value is None and nullable:
-            return None
-        kinds = kind if isinstance(kind, tuple) else (kind,)
-        # JSON has one number type: accept ints where floats are expected, never bools as numbers.
-        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value = float(value)
-        if isinstance(value, bool) and bool not in kinds:
-            raise ConfigError(f"{self.source}: '{self._name(key)}' must be {_kind_name(kinds)}, found {value!r}")
-        if not isinstance(value, kinds):
-            raise ConfigError(f"{self.source}: '{self._name(key)}' must be {_kind_name(kinds)}, found {value!r}")
-        return value
-
-    def positive(self, key: str, default: Any = _MISSING) -> int:
-        value = self.get(key, int, default)
-        if value <= 0:
-            raise ConfigError(f"{self.source}: '{self._name(key)}' must be a positive integer, found {value!r}")
-        return value
-
-    def child(self, key: str) -> "_Reader":
-        return _Reader(self.get(key, dict), self.source, self._name(key))
-
-
-def _kind_name(kinds: tuple[type, ...]) -> str:
-    names = {int: "an integer", float: "a number", bool: "true/false", str: "a string", dict: "an object", list: "a list"}
-    return " or ".join(names.get(k, k.__name__) for k in kinds)
+__all__ = ["ConfigError", "RopeConfig", "QuantConfig", "VisionConfig", "MediaConfig", "KimiConfig", "load_config",
+           "load_media_config", "read_json", "tiny_config", "fixture_path"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -138,7 +85,7 @@ class RopeConfig:
         return out
 
 
-def _read_rope(r: _Reader) -> RopeConfig:
+def _read_rope(r: Reader) -> RopeConfig:
     old = _rope_from_scaling(r) if (r.has("rope_scaling") or r.has("rope_theta")) else None
     new = _rope_from_parameters(r) if r.has("rope_parameters") else None
     if old is None and new is None:
@@ -150,20 +97,20 @@ def _read_rope(r: _Reader) -> RopeConfig:
     return old if old is not None else new  # type: ignore[return-value]
 
 
-def _rope_from_scaling(r: _Reader) -> RopeConfig:
+def _rope_from_scaling(r: Reader) -> RopeConfig:
     theta = r.get("rope_theta", float)
     scaling = r.get("rope_scaling", dict, None, nullable=True)
     if scaling is None:
         return RopeConfig(theta=theta)
-    return _rope_fields(_Reader(scaling, r.source, r._name("rope_scaling")), theta)
+    return _rope_fields(Reader(scaling, r.source, r.keypath("rope_scaling")), theta)
 
 
-def _rope_from_parameters(r: _Reader) -> RopeConfig:
+def _rope_from_parameters(r: Reader) -> RopeConfig:
     p = r.child("rope_parameters")
     return _rope_fields(p, p.get("rope_theta", float))
 
 
-def _rope_fields(s: _Reader, theta: float) -> RopeConfig:
+def _rope_fields(s: Reader, theta: float) -> RopeConfig:
     kind = s.get("rope_type", str, None) or s.get("type", str, None)
     if kind is None:
         raise ConfigError(f"{s.source}: '{s.where}' needs 'type' or 'rope_type'")
@@ -218,13 +165,13 @@ def _ct_match(name: str, pattern: str) -> bool:
     return pattern == name
 
 
-def _read_quant(q: _Reader) -> QuantConfig:
+def _read_quant(q: Reader) -> QuantConfig:
     method = q.get("quant_method", str)
     if method != "compressed-tensors":
-        raise ConfigError(f"{q.source}: '{q._name('quant_method')}' is {method!r}; only 'compressed-tensors' is supported")
+        raise ConfigError(f"{q.source}: '{q.keypath('quant_method')}' is {method!r}; only 'compressed-tensors' is supported")
     fmt = q.get("format", str)
     if fmt != "pack-quantized":
-        raise ConfigError(f"{q.source}: '{q._name('format')}' is {fmt!r}; only 'pack-quantized' is supported")
+        raise ConfigError(f"{q.source}: '{q.keypath('format')}' is {fmt!r}; only 'pack-quantized' is supported")
     groups = q.child("config_groups")
     if len(groups.data) != 1:
         raise ConfigError(f"{q.source}: '{groups.where}' must hold exactly one group, found {list(groups.data)}")
@@ -254,95 +201,47 @@ def _read_quant(q: _Reader) -> QuantConfig:
 # ----------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
+@documented
+@dataclass(frozen=True, kw_only=True)
 class VisionConfig:
-    """MoonViT-3D tower and patch-merger projector (``vision_config``; K2.5 values in brackets).
+    """MoonViT-3D tower and patch-merger projector (``vision_config``; K2.5 values in brackets)."""
 
-    patch_size: side of a square patch in pixels [14].
-    init_pos_emb_height / init_pos_emb_width: the learnable position-embedding grid [64 × 64],
-        bicubically interpolated to each image's (h, w) in patches.
-    init_pos_emb_time: frames covered by the fixed sin-cos time embedding [4].
-    pos_emb_type: ``"divided_fixed"`` (learnable 2D + fixed 1D time).
-    hidden_size / intermediate_size / num_attention_heads / num_hidden_layers: the tower
-        (``vt_*`` keys) [1152 / 4304 / 16 (head dim 72) / 27].
-    merge_kernel_size: spatial patch merge [2, 2].   merge_type: ``"sd2_tpool"`` (temporal mean, then 2×2).
-    video_attn_type: ``"spatial_temporal"``.   mm_projector_type: ``"patchmerger"``.
-    mm_hidden_size: projector input width per patch [1152].  text_hidden_size: projector output [7168].
-    projector_hidden_act: ``"gelu"`` (exact erf GELU).   projector_ln_eps: projector LayerNorm eps [1e-5].
-    """
-
-    patch_size: int
-    init_pos_emb_height: int
-    init_pos_emb_width: int
-    init_pos_emb_time: int
-    pos_emb_type: str
-    hidden_size: int
-    intermediate_size: int
-    num_attention_heads: int
-    num_hidden_layers: int
-    merge_kernel_size: tuple[int, int]
-    merge_type: str
-    video_attn_type: str
-    mm_projector_type: str
-    mm_hidden_size: int
-    text_hidden_size: int
-    projector_hidden_act: str
-    projector_ln_eps: float
+    patch_size: int = config_key(count, "side of a square patch in pixels [14]")
+    init_pos_emb_height: int = config_key(count, "rows of the learnable position-embedding grid [64], bicubically "
+                                                 "interpolated to each image's h in patches")
+    init_pos_emb_width: int = config_key(count, "its columns [64], interpolated to w")
+    init_pos_emb_time: int = config_key(count, "frames covered by the fixed sin-cos time embedding [4]")
+    pos_emb_type: str = config_key(string, '``"divided_fixed"`` (learnable 2D + fixed 1D time)')
+    hidden_size: int = config_key(count, "tower width [1152]", key="vt_hidden_size")
+    intermediate_size: int = config_key(count, "tower MLP width [4304]", key="vt_intermediate_size")
+    num_attention_heads: int = config_key(count, "tower heads [16, head dim 72]", key="vt_num_attention_heads")
+    num_hidden_layers: int = config_key(count, "tower blocks [27]", key="vt_num_hidden_layers")
+    merge_kernel_size: tuple[int, int] = config_key(count_pair, "spatial patch merge [2, 2]")
+    merge_type: str = config_key(string, '``"sd2_tpool"`` (temporal mean, then 2×2)')
+    video_attn_type: str = config_key(string, '``"spatial_temporal"``')
+    mm_projector_type: str = config_key(string, '``"patchmerger"``')
+    mm_hidden_size: int = config_key(count, "projector input width per patch [1152]")
+    text_hidden_size: int = config_key(count, "projector output width [7168]")
+    projector_hidden_act: str = config_key(string, '``"gelu"`` (exact erf GELU)')
+    projector_ln_eps: float = config_key(number, "projector LayerNorm eps [1e-5]")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "patch_size": self.patch_size,
-            "init_pos_emb_height": self.init_pos_emb_height,
-            "init_pos_emb_width": self.init_pos_emb_width,
-            "init_pos_emb_time": self.init_pos_emb_time,
-            "pos_emb_type": self.pos_emb_type,
-            "vt_hidden_size": self.hidden_size,
-            "vt_intermediate_size": self.intermediate_size,
-            "vt_num_attention_heads": self.num_attention_heads,
-            "vt_num_hidden_layers": self.num_hidden_layers,
-            "merge_kernel_size": list(self.merge_kernel_size),
-            "merge_type": self.merge_type,
-            "video_attn_type": self.video_attn_type,
-            "mm_projector_type": self.mm_projector_type,
-            "mm_hidden_size": self.mm_hidden_size,
-            "text_hidden_size": self.text_hidden_size,
-            "projector_hidden_act": self.projector_hidden_act,
-            "projector_ln_eps": self.projector_ln_eps,
-        }
+        return write_declared(self)
 
 
-def _read_vision(v: _Reader) -> VisionConfig:
-    merge = v.get("merge_kernel_size", list)
-    if len(merge) != 2 or not all(isinstance(m, int) and m > 0 for m in merge):
-        raise ConfigError(f"{v.source}: '{v._name('merge_kernel_size')}' must be two positive integers, found {merge!r}")
-    cfg = VisionConfig(
-        patch_size=v.positive("patch_size"),
-        init_pos_emb_height=v.positive("init_pos_emb_height"),
-        init_pos_emb_width=v.positive("init_pos_emb_width"),
-        init_pos_emb_time=v.positive("init_pos_emb_time"),
-        pos_emb_type=v.get("pos_emb_type", str),
-        hidden_size=v.positive("vt_hidden_size"),
-        intermediate_size=v.positive("vt_intermediate_size"),
-        num_attention_heads=v.positive("vt_num_attention_heads"),
-        num_hidden_layers=v.positive("vt_num_hidden_layers"),
-        merge_kernel_size=(merge[0], merge[1]),
-        merge_type=v.get("merge_type", str),
-        video_attn_type=v.get("video_attn_type", str),
-        mm_projector_type=v.get("mm_projector_type", str),
-        mm_hidden_size=v.positive("mm_hidden_size"),
-        text_hidden_size=v.positive("text_hidden_size"),
-        projector_hidden_act=v.get("projector_hidden_act", str),
-        projector_ln_eps=v.get("projector_ln_eps", float),
-    )
-    expected = {"pos_emb_type": "divided_fixed", "merge_type": "sd2_tpool", "mm_projector_type": "patchmerger",
-                "projector_hidden_act": "gelu"}
-    for key, want in expected.items():
+_VISION_IMPLEMENTED = {"pos_emb_type": "divided_fixed", "merge_type": "sd2_tpool", "mm_projector_type": "patchmerger",
+                       "projector_hidden_act": "gelu"}
+
+
+def _read_vision(v: Reader) -> VisionConfig:
+    cfg = VisionConfig(**read_declared(VisionConfig, v))
+    for key, want in _VISION_IMPLEMENTED.items():
         if getattr(cfg, key) != want:
-            raise ConfigError(f"{v.source}: '{v._name(key)}' is {getattr(cfg, key)!r}; kimi_ref implements {want!r}")
+            raise ConfigError(f"{v.source}: '{v.keypath(key)}' is {getattr(cfg, key)!r}; kimi_ref implements {want!r}")
     if cfg.hidden_size % cfg.num_attention_heads or cfg.head_dim % 4:
         raise ConfigError(
             f"{v.source}: vt_hidden_size {cfg.hidden_size} / vt_num_attention_heads {cfg.num_attention_heads} must give "
@@ -351,75 +250,46 @@ def _read_vision(v: _Reader) -> VisionConfig:
     return cfg
 
 
-@dataclass(frozen=True)
+@documented
+@dataclass(frozen=True, kw_only=True)
 class MediaConfig:
-    """Image/video preprocessing (``preprocessor_config.json`` → ``media_proc_cfg``; K2.5 values in brackets).
+    """Image/video preprocessing (``preprocessor_config.json`` → ``media_proc_cfg``; K2.5 values in brackets)."""
 
-    patch_size [14]; merge_kernel_size [2] (pixels are padded to multiples of patch × merge = 28);
-    in_patch_limit [16384] patches per image; patch_limit_on_one_side [512] patches per side;
-    in_patch_limit_each_frame [4096] patches per video frame; in_patch_limit_video [null] for a whole video;
-    sample_fps [2.0] video frames per second at most; max_num_frames_each_video [null];
-    temporal_merge_kernel_size [4] frames per video chunk; timestamp_mode ["hh:mm:ss.fff"];
-    image_mean / image_std [0.5, 0.5, 0.5]: ``(x/255 - mean) / std``.
-    """
-
-    patch_size: int
-    merge_kernel_size: int
-    in_patch_limit: int
-    patch_limit_on_one_side: int
-    in_patch_limit_each_frame: int | None
-    in_patch_limit_video: int | None
-    sample_fps: float
-    max_num_frames_each_video: int | None
-    temporal_merge_kernel_size: int
-    timestamp_mode: str
-    image_mean: tuple[float, float, float]
-    image_std: tuple[float, float, float]
+    patch_size: int = config_key(count, "side of a square patch in pixels [14]")
+    merge_kernel_size: int = config_key(square, "patches merged per side [2]; pixels are padded to multiples of "
+                                                "patch × merge = 28")
+    in_patch_limit: int = config_key(count, "patches per image [16384]")
+    patch_limit_on_one_side: int = config_key(count, "patches per side [512]")
+    in_patch_limit_each_frame: int | None = config_key(integer_or_null, "patches per video frame [4096]", default=None)
+    in_patch_limit_video: int | None = config_key(integer_or_null, "patches per whole video [null]", default=None)
+    sample_fps: float = config_key(number, "video frames per second at most [2.0]")
+    max_num_frames_each_video: int | None = config_key(integer_or_null, "frames per video at most [null: no limit]",
+                                                         default=None)
+    temporal_merge_kernel_size: int = config_key(count, "frames per video chunk [4]")
+    timestamp_mode: str = config_key(string, 'how a video chunk\'s time is written ["hh:mm:ss.fff"]')
+    image_mean: tuple[float, float, float] = config_key(three_numbers, "per-channel mean [0.5, 0.5, 0.5]: "
+                                                                       "``(x/255 - mean) / std``")
+    image_std: tuple[float, float, float] = config_key(three_numbers, "per-channel std [0.5, 0.5, 0.5], no zero")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "MediaConfig":
-        top = _Reader(data, source)
+        top = Reader(data, source)
         m = top.child("media_proc_cfg") if top.has("media_proc_cfg") else top
-        mean, std = m.get("image_mean", list), m.get("image_std", list)
-        for key, vals in (("image_mean", mean), ("image_std", std)):
-            if len(vals) != 3 or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in vals):
-                raise ConfigError(f"{source}: '{m._name(key)}' must be three numbers, found {vals!r}")
-        if any(s == 0 for s in std):
-            raise ConfigError(f"{source}: '{m._name('image_std')}' must not contain 0, found {std!r}")
-        merge = m.get("merge_kernel_size", (int, list))
-        if isinstance(merge, list):
-            if len(set(merge)) != 1:
-                raise ConfigError(f"{source}: '{m._name('merge_kernel_size')}' must be square, found {merge!r}")
-            merge = merge[0]
-        cfg = cls(
-            patch_size=m.positive("patch_size"),
-            merge_kernel_size=merge,
-            in_patch_limit=m.positive("in_patch_limit"),
-            patch_limit_on_one_side=m.positive("patch_limit_on_one_side"),
-            in_patch_limit_each_frame=m.get("in_patch_limit_each_frame", int, None, nullable=True),
-            in_patch_limit_video=m.get("in_patch_limit_video", int, None, nullable=True),
-            sample_fps=m.get("sample_fps", float),
-            max_num_frames_each_video=m.get("max_num_frames_each_video", int, None, nullable=True),
-            temporal_merge_kernel_size=m.positive("temporal_merge_kernel_size"),
-            timestamp_mode=m.get("timestamp_mode", str),
-            image_mean=tuple(float(x) for x in mean),  # type: ignore[arg-type]
-            image_std=tuple(float(x) for x in std),  # type: ignore[arg-type]
-        )
+        cfg = cls(**read_declared(cls, m))
+        if any(s == 0 for s in cfg.image_std):
+            raise ConfigError(f"{source}: '{m.keypath('image_std')}' must not contain 0, found {list(cfg.image_std)!r}")
         if cfg.sample_fps <= 0:
-            raise ConfigError(f"{source}: '{m._name('sample_fps')}' must be positive, found {cfg.sample_fps}")
+            raise ConfigError(f"{source}: '{m.keypath('sample_fps')}' must be positive, found {cfg.sample_fps}")
         fixed = m.get("fixed_output_tokens", int, None, nullable=True)
         if fixed is not None:  # a processor mode that resizes to a token budget: not implemented, so refuse
-            raise ConfigError(f"{source}: '{m._name('fixed_output_tokens')}' is {fixed}; kimi_ref implements the "
+            raise ConfigError(f"{source}: '{m.keypath('fixed_output_tokens')}' is {fixed}; kimi_ref implements the "
                               "NaViT resize (fixed_output_tokens null, as K2.5 ships it) only")
         return cfg
 
     def to_dict(self) -> dict[str, Any]:
         """The ``preprocessor_config.json`` content, nested under ``media_proc_cfg`` as Kimi ships it."""
-        proc = dataclasses.asdict(self)
-        proc["image_mean"], proc["image_std"] = list(self.image_mean), list(self.image_std)
-        proc["fixed_output_tokens"] = None
-        proc["config_type"] = "media_proc.processors.moonvit.MoonViTMediaProcessorConfig"
-        return {"media_proc_cfg": proc}
+        return {"media_proc_cfg": {**write_declared(self), "fixed_output_tokens": None,
+                                   "config_type": "media_proc.processors.moonvit.MoonViTMediaProcessorConfig"}}
 
 
 def load_media_config(ckpt_dir: str | Path) -> MediaConfig:
@@ -436,115 +306,89 @@ def load_media_config(ckpt_dir: str | Path) -> MediaConfig:
 
 _FLAT_TYPES = ("kimi_k2", "deepseek_v3")
 _NESTED_TYPES = ("kimi_k25",)
+# transformers' DeepseekV3Config dropped these keys because its model always does noaux_tc/sigmoid routing on
+# every layer past the dense prefix. Only in a file it wrote (see from_dict) may they be absent.
+_HF_DEFAULTS = {"moe_layer_freq": 1, "topk_method": "noaux_tc", "scoring_func": "sigmoid"}
+# Keys explicit code reads (or derives again: transformers 5's head_dim, qk_head_dim), besides the declared ones.
+_EXPLICIT_TEXT_KEYS = ("architectures", "model_type", "rope_theta", "rope_scaling", "rope_parameters", "dtype",
+                       "torch_dtype", "quantization_config", "text_config", "vision_config", "media_placeholder_token_id",
+                       "head_dim", "qk_head_dim")
+_EXPLICIT_TOP_KEYS = ("architectures", "model_type", "text_config", "vision_config", "media_placeholder_token_id",
+                      "dtype", "torch_dtype", "quantization_config")
 
 
-@dataclass(frozen=True)
+@documented
+@dataclass(frozen=True, kw_only=True)
 class KimiConfig:
     """Everything the Kimi K2.x language model needs (K2.5/K2.7-Code values in brackets).
 
-    **Layout**
-      layout: ``"kimi_k25"`` (nested; weights under ``language_model.``) or ``"flat"``
-          (K2-Instruct, K2-Thinking, HF DeepseekV3; weights under ``model.`` / ``lm_head``).
-      model_type: the top-level ``model_type`` as written [``"kimi_k25"``].
-      text_model_type: ``text_config.model_type`` (nested) or ``model_type`` (flat) [``"kimi_k2"``].
-      source: the file this came from (for error messages).
-
-    **Sizes**
-      vocab_size: embedding rows [163840 = 163584 BPE ranks + 256 special slots].
-      hidden_size: residual width d [7168].
-      num_hidden_layers: decoder layers [61].
-      max_position_embeddings: longest sequence [262144].
-
-    **Attention (MLA)**
-      num_attention_heads: query heads h [64].
-      num_key_value_heads: ignored by MLA (every head reads the same latent) [64].
-      q_lora_rank: query down-projection rank [1536] (``None`` means a plain ``q_proj``).
-      kv_lora_rank: the cached latent's width [512].
-      qk_nope_head_dim / qk_rope_head_dim: per-head query/key split into a no-position part and a
-          rotary part [128 / 64]; the rotary key is one head shared by all heads.
-      v_head_dim: per-head value width [128] (may differ from qk_nope_head_dim).
-      attention_bias: bias on q_a/kv_a/o projections [false].
-      rope: :class:`RopeConfig` [YaRN, θ 50000, factor 64, β 32/1, mscale 1/1, original 4096].
-      rope_interleave: rotary dims stored as adjacent pairs (x0, y0, x1, y1, …) [true; DeepSeek
-          always interleaves, transformers 5 writes it explicitly].
-
-    **MLP / MoE**
-      hidden_act: ``"silu"`` (SwiGLU).
-      intermediate_size: dense MLP width of the first ``first_k_dense_replace`` layers [18432].
-      first_k_dense_replace: number of leading dense layers [1].
-      moe_layer_freq: every n-th layer after those is MoE [1].
-      moe_intermediate_size: width of each routed expert and of one shared expert [2048].
-      n_routed_experts: experts per MoE layer [384].
-      n_shared_experts: always-on experts, fused into one MLP of width moe_intermediate × n [1].
-      num_experts_per_tok: experts each token is routed to, k [8].
-      n_group / topk_group: group-limited routing; choose topk_group groups first [1 / 1 = off].
-      topk_method: ``"noaux_tc"``: selection uses scores + e_score_correction_bias.
-      scoring_func: ``"sigmoid"``: scores = sigmoid(logits) (fp32).
-      norm_topk_prob: renormalise the k chosen scores to sum to 1 [true].
-      routed_scaling_factor: multiplies the routed weights, not the shared expert [2.827].
-
-    **Norms**
-      rms_norm_eps: eps of input/post-attention/final RMSNorms [1e-5]. (The MLA latent norms
-          ``q_a_layernorm``/``kv_a_layernorm`` use 1e-6 whatever this says; see ``mla.py``.)
-
-    **Tokens and the rest**
-      bos_token_id / eos_token_id / pad_token_id: [163584 ``[BOS]`` / 163585 ``[EOS]`` / 163839 ``[PAD]``];
-          eos may be a list in some files (kept as a tuple).
-      media_placeholder_token_id: ``<|media_pad|>`` [163605], nested layout only.
-      tie_word_embeddings: lm_head shares the embedding [false].
-      num_nextn_predict_layers: multi-token-prediction layers [0 for Kimi; their tensors are not used].
-      dtype: the dtype the checkpoint declares for non-quantized tensors [``"bfloat16"``]; informational
-          (each tensor's header gives its real dtype; ``load_model`` takes the compute dtype).
-      quantization: :class:`QuantConfig` or ``None`` (K2-Instruct's FP8 is refused with a clear error).
-      vision: :class:`VisionConfig` or ``None``.
-      extra: informational keys that do not change inference (aux_loss_alpha, seq_aux, ep_size,
-          initializer_range, use_cache, pretraining_tp, attention_dropout, ...), kept for ``to_dict``.
+    Each field below says what it means; the ones stored under one key of the text config are declared
+    with :func:`config_key`, so that adding a key is adding one line here.
     """
 
-    layout: str
-    model_type: str
-    text_model_type: str
-    vocab_size: int
-    hidden_size: int
-    num_hidden_layers: int
-    max_position_embeddings: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    q_lora_rank: int | None
-    kv_lora_rank: int
-    qk_nope_head_dim: int
-    qk_rope_head_dim: int
-    v_head_dim: int
-    attention_bias: bool
-    rope: RopeConfig
-    rope_interleave: bool
-    hidden_act: str
-    intermediate_size: int
-    first_k_dense_replace: int
-    moe_layer_freq: int
-    moe_intermediate_size: int
-    n_routed_experts: int
-    n_shared_experts: int
-    num_experts_per_tok: int
-    n_group: int
-    topk_group: int
-    topk_method: str
-    scoring_func: str
-    norm_topk_prob: bool
-    routed_scaling_factor: float
-    rms_norm_eps: float
-    bos_token_id: int | None
-    eos_token_id: int | tuple[int, ...] | None
-    pad_token_id: int | None
-    media_placeholder_token_id: int | None
-    tie_word_embeddings: bool
-    num_nextn_predict_layers: int
-    dtype: str | None
-    quantization: QuantConfig | None = None
-    vision: VisionConfig | None = None
-    extra: dict = field(default_factory=dict, compare=False, repr=False)
-    top_extra: dict = field(default_factory=dict, compare=False, repr=False)
-    source: str = field(default="<dict>", compare=False)
+    # ---- layout (explicit code) ----
+    layout: str = about('``"kimi_k25"`` (nested; weights under ``language_model.``) or ``"flat"`` '
+                        "(K2-Instruct, K2-Thinking, HF DeepseekV3; weights under ``model.`` / ``lm_head``)")
+    model_type: str = about('the top-level ``model_type`` as written [``"kimi_k25"``]')
+    text_model_type: str = about('``text_config.model_type`` (nested) or ``model_type`` (flat) [``"kimi_k2"``]')
+    # ---- sizes ----
+    vocab_size: int = config_key(count, "embedding rows [163840 = 163584 BPE ranks + 256 special slots]")
+    hidden_size: int = config_key(count, "residual width d [7168]")
+    num_hidden_layers: int = config_key(count, "decoder layers [61]")
+    max_position_embeddings: int = config_key(count, "longest sequence [262144]")
+    # ---- attention (MLA) ----
+    num_attention_heads: int = config_key(count, "query heads h [64]")
+    num_key_value_heads: int = config_key(count, "ignored by MLA (every head reads the same latent) [64]")
+    q_lora_rank: int | None = config_key(integer_or_null, "query down-projection rank [1536] (null: a plain q_proj)")
+    kv_lora_rank: int = config_key(count, "the cached latent's width [512]")
+    qk_nope_head_dim: int = config_key(count, "per-head query/key part without position [128]")
+    qk_rope_head_dim: int = config_key(count, "per-head rotary part [64]; the rotary key is one head shared by all")
+    v_head_dim: int = config_key(count, "per-head value width [128] (may differ from qk_nope_head_dim)")
+    attention_bias: bool = config_key(flag, "bias on q_a/kv_a/o projections [false]")
+    rope: RopeConfig = about("RoPE, from either spelling (explicit code) [YaRN, θ 50000, factor 64, β 32/1, "
+                             "mscale 1/1, original 4096]")
+    rope_interleave: bool = config_key(flag, "rotary dims stored as adjacent pairs (x0, y0, x1, y1, …) [true; "
+                                       "DeepSeek always interleaves; transformers 5 writes it, Kimi does not]",
+                                       default=True, write=False)
+    # ---- MLP / MoE ----
+    hidden_act: str = config_key(string, '``"silu"`` (SwiGLU)')
+    intermediate_size: int = config_key(count, "dense MLP width of the first first_k_dense_replace layers [18432]")
+    first_k_dense_replace: int = config_key(integer, "number of leading dense layers [1]")
+    moe_layer_freq: int = config_key(count, "every n-th layer after those is MoE [1]")
+    moe_intermediate_size: int = config_key(count, "width of each routed expert and of one shared expert [2048]")
+    n_routed_experts: int = config_key(count, "experts per MoE layer [384]")
+    n_shared_experts: int = config_key(integer, "always-on experts, fused into one MLP of width moe_intermediate × n [1]")
+    num_experts_per_tok: int = config_key(count, "experts each token is routed to, k [8]")
+    n_group: int = config_key(count, "expert groups for group-limited routing [1 = off]")
+    topk_group: int = config_key(count, "groups chosen before experts [1]")
+    topk_method: str = config_key(string, '``"noaux_tc"``: selection uses scores + e_score_correction_bias')
+    scoring_func: str = config_key(string, '``"sigmoid"``: scores = sigmoid(logits) (fp32)')
+    norm_topk_prob: bool = config_key(flag, "renormalise the k chosen scores to sum to 1 [true]")
+    routed_scaling_factor: float = config_key(number, "multiplies the routed weights, not the shared expert [2.827]")
+    # ---- norms ----
+    rms_norm_eps: float = config_key(number, "eps of input/post-attention/final RMSNorms [1e-5] (the MLA latent norms "
+                                     "q_a_layernorm/kv_a_layernorm use 1e-6 whatever this says; see mla.py)")
+    # ---- tokens and the rest ----
+    bos_token_id: int | None = config_key(token_id, "beginning-of-sequence id [163584 ``[BOS]``]", default=None,
+                                          also_top=True)
+    eos_token_id: int | tuple[int, ...] | None = config_key(
+        token_ids, "end-of-sequence id [163585 ``[EOS]``]; a list in some files (kept as a tuple)", default=None,
+        also_top=True)
+    pad_token_id: int | None = config_key(token_id, "padding id [163839 ``[PAD]``]", default=None, also_top=True)
+    media_placeholder_token_id: int | None = about("``<|media_pad|>`` [163605], top level of the nested layout only")
+    tie_word_embeddings: bool = config_key(flag, "lm_head shares the embedding [false]", default=False, also_top=True)
+    num_nextn_predict_layers: int = config_key(integer, "multi-token-prediction layers [0; their tensors are not used]",
+                                               default=0)
+    dtype: str | None = about('the declared dtype of non-quantized tensors [``"bfloat16"``]; informational (each '
+                              "tensor's header gives its real dtype; load_model takes the compute dtype)")
+    quantization: QuantConfig | None = about("QuantConfig or None (K2-Instruct's FP8 is refused with a clear error)",
+                                             default=None)
+    vision: VisionConfig | None = about("VisionConfig or None", default=None)
+    extra: dict = about("text-config keys that do not change inference (aux_loss_alpha, ep_size, use_cache, ...), "
+                        "kept for to_dict", default_factory=dict, compare=False, repr=False)
+    top_extra: dict = about("the same for the nested layout's top level", default_factory=dict, compare=False,
+                            repr=False)
+    source: str = about("the file this came from (for error messages)", default="<dict>", compare=False)
 
     # ---- derived sizes ------------------------------------------------------------------------------
     @property
@@ -585,7 +429,7 @@ class KimiConfig:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any], source: str = "<dict>") -> "KimiConfig":
-        top = _Reader(data, source)
+        top = Reader(data, source)
         model_type = top.get("model_type", str)
         if model_type in _NESTED_TYPES:
             text = top.child("text_config")
@@ -617,71 +461,18 @@ class KimiConfig:
 
         text_model_type = text.get("model_type", str, model_type)
         written_by_hf = text_model_type == "deepseek_v3" and not text.has("topk_method")
-
-        def hf_default(value: Any) -> Any:
-            # transformers' DeepseekV3Config dropped these keys because its model always does
-            # noaux_tc/sigmoid routing on every layer past the dense prefix. Only then may they be absent.
-            return value if written_by_hf else _MISSING
-
-        def ids(key: str, reader: _Reader = text, many: bool = False) -> Any:
-            # Token ids may sit at the top level, in text_config, or both; only eos may list several.
-            src = reader if reader.has(key) else top
-            value = src.get(key, (int, list) if many else int, None, nullable=True)
-            if isinstance(value, list):
-                if not value or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ConfigError(f"{src.source}: '{src._name(key)}' must be a token id or a non-empty list of "
-                                      f"token ids, found {value!r:.80}")
-                return tuple(value)
-            return value
-
         dtype = text.get("dtype", str, None, nullable=True) or text.get("torch_dtype", str, None, nullable=True) \
             or top.get("dtype", str, None, nullable=True) or top.get("torch_dtype", str, None, nullable=True)
-
-        known = set(_TEXT_KEYS)
+        text_keys = set(_EXPLICIT_TEXT_KEYS) | {key for _, key, _ in declared(cls)}
+        top_keys = set(_EXPLICIT_TOP_KEYS) | {key for _, key, spec in declared(cls) if spec.also_top}
         cfg = cls(
-            layout=layout,
-            model_type=model_type,
-            text_model_type=text_model_type,
-            vocab_size=text.positive("vocab_size"),
-            hidden_size=text.positive("hidden_size"),
-            num_hidden_layers=text.positive("num_hidden_layers"),
-            max_position_embeddings=text.positive("max_position_embeddings"),
-            num_attention_heads=text.positive("num_attention_heads"),
-            num_key_value_heads=text.positive("num_key_value_heads"),
-            q_lora_rank=text.get("q_lora_rank", int, nullable=True),
-            kv_lora_rank=text.positive("kv_lora_rank"),
-            qk_nope_head_dim=text.positive("qk_nope_head_dim"),
-            qk_rope_head_dim=text.positive("qk_rope_head_dim"),
-            v_head_dim=text.positive("v_head_dim"),
-            attention_bias=text.get("attention_bias", bool),
+            layout=layout, model_type=model_type, text_model_type=text_model_type,
+            **read_declared(cls, text, top, _HF_DEFAULTS if written_by_hf else None),
             rope=_read_rope(text),
-            rope_interleave=text.get("rope_interleave", bool, True),
-            hidden_act=text.get("hidden_act", str),
-            intermediate_size=text.positive("intermediate_size"),
-            first_k_dense_replace=text.get("first_k_dense_replace", int),
-            moe_layer_freq=text.positive("moe_layer_freq", hf_default(1)),
-            moe_intermediate_size=text.positive("moe_intermediate_size"),
-            n_routed_experts=text.positive("n_routed_experts"),
-            n_shared_experts=text.get("n_shared_experts", int),
-            num_experts_per_tok=text.positive("num_experts_per_tok"),
-            n_group=text.positive("n_group"),
-            topk_group=text.positive("topk_group"),
-            topk_method=text.get("topk_method", str, hf_default("noaux_tc")),
-            scoring_func=text.get("scoring_func", str, hf_default("sigmoid")),
-            norm_topk_prob=text.get("norm_topk_prob", bool),
-            routed_scaling_factor=text.get("routed_scaling_factor", float),
-            rms_norm_eps=text.get("rms_norm_eps", float),
-            bos_token_id=ids("bos_token_id"),
-            eos_token_id=ids("eos_token_id", many=True),
-            pad_token_id=ids("pad_token_id"),
             media_placeholder_token_id=top.get("media_placeholder_token_id", int, None, nullable=True),
-            tie_word_embeddings=text.get("tie_word_embeddings", bool, top.get("tie_word_embeddings", bool, False)),
-            num_nextn_predict_layers=text.get("num_nextn_predict_layers", int, 0),
-            dtype=dtype,
-            quantization=quantization,
-            vision=vision,
-            extra={k: v for k, v in text.data.items() if k not in known},
-            top_extra={k: v for k, v in top.data.items() if k not in _TOP_KEYS} if layout == "kimi_k25" else {},
+            dtype=dtype, quantization=quantization, vision=vision,
+            extra={k: v for k, v in text.data.items() if k not in text_keys},
+            top_extra={k: v for k, v in top.data.items() if k not in top_keys} if layout == "kimi_k25" else {},
             source=source,
         )
         cfg._validate()
@@ -736,62 +527,16 @@ class KimiConfig:
     # ---- writing ------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         """config.json content in this config's own layout, Kimi spelling (rope_theta + rope_scaling)."""
-        text: dict[str, Any] = {
-            "architectures": ["DeepseekV3ForCausalLM"],
-            "model_type": self.text_model_type,
-            "vocab_size": self.vocab_size,
-            "hidden_size": self.hidden_size,
-            "intermediate_size": self.intermediate_size,
-            "moe_intermediate_size": self.moe_intermediate_size,
-            "num_hidden_layers": self.num_hidden_layers,
-            "first_k_dense_replace": self.first_k_dense_replace,
-            "moe_layer_freq": self.moe_layer_freq,
-            "n_routed_experts": self.n_routed_experts,
-            "n_shared_experts": self.n_shared_experts,
-            "num_experts_per_tok": self.num_experts_per_tok,
-            "n_group": self.n_group,
-            "topk_group": self.topk_group,
-            "topk_method": self.topk_method,
-            "scoring_func": self.scoring_func,
-            "routed_scaling_factor": self.routed_scaling_factor,
-            "norm_topk_prob": self.norm_topk_prob,
-            "num_attention_heads": self.num_attention_heads,
-            "num_key_value_heads": self.num_key_value_heads,
-            "q_lora_rank": self.q_lora_rank,
-            "kv_lora_rank": self.kv_lora_rank,
-            "qk_nope_head_dim": self.qk_nope_head_dim,
-            "qk_rope_head_dim": self.qk_rope_head_dim,
-            "v_head_dim": self.v_head_dim,
-            "attention_bias": self.attention_bias,
-            "hidden_act": self.hidden_act,
-            "rms_norm_eps": self.rms_norm_eps,
-            "rope_theta": self.rope.theta,
-            "rope_scaling": self.rope.to_rope_scaling(),
-            "max_position_embeddings": self.max_position_embeddings,
-            "num_nextn_predict_layers": self.num_nextn_predict_layers,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": list(self.eos_token_id) if isinstance(self.eos_token_id, tuple) else self.eos_token_id,
-            "pad_token_id": self.pad_token_id,
-            "dtype": self.dtype,
-        }
-        text.update(self.extra)
+        text: dict[str, Any] = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": self.text_model_type,
+                                **write_declared(self), "rope_theta": self.rope.theta,
+                                "rope_scaling": self.rope.to_rope_scaling(), "dtype": self.dtype, **self.extra}
         if self.quantization is not None:
             text["quantization_config"] = dict(self.quantization.raw) or _quant_to_dict(self.quantization)
         if self.layout == "flat":
             return text
-        text["architectures"] = ["DeepseekV3ForCausalLM"]
-        top: dict[str, Any] = {
-            "architectures": ["KimiK25ForConditionalGeneration"],
-            "model_type": self.model_type,
-            "text_config": text,
-            "bos_token_id": self.bos_token_id,
-            "eos_token_id": text["eos_token_id"],
-            "pad_token_id": self.pad_token_id,
-            "media_placeholder_token_id": self.media_placeholder_token_id,
-            "tie_word_embeddings": self.tie_word_embeddings,
-            "dtype": self.dtype,
-        }
+        top: dict[str, Any] = {"architectures": ["KimiK25ForConditionalGeneration"], "model_type": self.model_type,
+                               "text_config": text, **write_declared(self, only_top=True),
+                               "media_placeholder_token_id": self.media_placeholder_token_id, "dtype": self.dtype}
         if self.vision is not None:
             top["vision_config"] = self.vision.to_dict()
         top.update(self.top_extra)
@@ -811,40 +556,6 @@ def _quant_to_dict(q: QuantConfig) -> dict[str, Any]:
                         "actorder": None, "block_structure": None}}},
         "ignore": list(q.ignore),
     }
-
-
-# Keys read into fields; everything else in the text config is kept in ``extra``.
-_TEXT_KEYS = (
-    "architectures", "model_type", "vocab_size", "hidden_size", "intermediate_size", "moe_intermediate_size",
-    "num_hidden_layers", "first_k_dense_replace", "moe_layer_freq", "n_routed_experts", "n_shared_experts",
-    "num_experts_per_tok", "n_group", "topk_group", "topk_method", "scoring_func", "routed_scaling_factor",
-    "norm_topk_prob", "num_attention_heads", "num_key_value_heads", "q_lora_rank", "kv_lora_rank",
-    "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "attention_bias", "hidden_act", "rms_norm_eps",
-    "rope_theta", "rope_scaling", "rope_parameters", "rope_interleave", "max_position_embeddings",
-    "num_nextn_predict_layers", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "dtype",
-    "torch_dtype", "quantization_config", "text_config", "vision_config", "media_placeholder_token_id",
-    # transformers-5 derived keys, recomputed from the ones above
-    "head_dim", "qk_head_dim",
-)
-_TOP_KEYS = (
-    "architectures", "model_type", "text_config", "vision_config", "bos_token_id", "eos_token_id", "pad_token_id",
-    "media_placeholder_token_id", "tie_word_embeddings", "dtype", "torch_dtype", "quantization_config",
-)
-
-
-def read_json(path: str | Path, error: type[Exception] | None = None, where: str | None = None) -> Any:
-    """A JSON file's value; a missing or unreadable file, non-UTF-8 bytes or broken JSON raise ``error``
-    (default :class:`ConfigError`) as one line naming ``where`` (default: the path). Every JSON file kimi_ref
-    reads from a checkpoint (config, index, tokenizer and generation configs, tool lists) comes through here."""
-    error, where = error or ConfigError, where or str(path)
-    try:
-        return json.loads(Path(path).read_bytes().decode("utf-8"))
-    except OSError as e:
-        raise error(f"{where}: cannot read the file ({e.strerror or e})") from None
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise error(f"{where}: not valid JSON ({e})") from None
 
 
 def load_config(path: str | Path) -> KimiConfig:

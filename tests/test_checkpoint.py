@@ -180,6 +180,12 @@ def test_quantization_ignore_list_decides(k25_config):
     expected = expected_tensors(cfg)
     assert "language_model.model.layers.1.mlp.shared_experts.up_proj.weight_packed" in expected
     assert "language_model.model.layers.1.mlp.shared_experts.up_proj.weight" not in expected
+    # A rule naming one layer's experts decides for that layer only (the list repeats a layer per kind).
+    one_layer = cfg.replace(quantization=dataclasses.replace(q, ignore=q.ignore + (r"re:model\.layers\.2\.mlp\.experts\.[0-3]\.",)))
+    listed = expected_tensors(one_layer)
+    for layer, expert, dense in ((2, 3, True), (2, 4, False), (1, 3, False)):
+        name = f"language_model.model.layers.{layer}.mlp.experts.{expert}.up_proj"
+        assert (name + ".weight" in listed, name + ".weight_packed" in listed) == (dense, not dense), name
     none = expected_tensors(cfg.replace(quantization=None))
     assert "language_model.model.layers.1.mlp.experts.0.up_proj.weight" in none
     assert not any(n.endswith("weight_packed") for n in none)
@@ -685,6 +691,7 @@ def _variants():
         t.replace(attention_bias=True), t.replace(q_lora_rank=None), t.replace(tie_word_embeddings=True),
         t.replace(n_shared_experts=0), t.replace(n_shared_experts=2), t.replace(dtype="float16"), t.replace(dtype=None),
         t.replace(first_k_dense_replace=5), t.replace(moe_layer_freq=2), t.replace(quantization=None),
+        t.replace(first_k_dense_replace=0), t.replace(first_k_dense_replace=2, moe_layer_freq=2, num_hidden_layers=7),
         t.replace(quantization=dataclasses.replace(q, ignore=tuple(r for r in q.ignore if "shared" not in r))),
         t.replace(v_head_dim=24), tiny[1].replace(attention_bias=True),
     ]
@@ -713,22 +720,26 @@ def test_expected_tensors_equal_the_oracles_independent_list():
 
 
 def test_expected_tensors_build_the_model_on_meta_only():
-    """No real tensor is made while listing (no memory, no init work): every op stays on the meta device."""
+    """No weight is made or initialised while listing (no memory, no init work): every op that makes a real
+    tensor is the rotary table's qk_rope_head_dim/2 frequencies, the only thing the model computes when built."""
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
     class RealTensors(TorchDispatchMode):
         def __init__(self):
             super().__init__()
-            self.ops: list[str] = []
+            self.shapes: list[tuple[str, tuple[int, ...]]] = []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            self.ops += [str(func) for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor) and t.device.type != "meta"]
+            self.shapes += [(str(func), tuple(t.shape)) for t in tree_flatten(out)[0]
+                            if isinstance(t, torch.Tensor) and t.device.type != "meta"]
             return out
 
     cfg = mt.tiny_checkpoint_config("kimi_k25").replace(num_hidden_layers=2)  # a config no other test has cached
     seen = RealTensors()
     with seen:
         listed = expected_tensors(cfg)
-    assert seen.ops == [] and len(listed) > 0
+    assert len(listed) > 0
+    rotary = (cfg.qk_rope_head_dim // 2,)
+    assert all(shape in (rotary, ()) for _, shape in seen.shapes), [s for s in seen.shapes if s[1] not in (rotary, ())]

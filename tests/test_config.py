@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 
 import pytest
 
 from kimi_ref.config import ConfigError, KimiConfig, MediaConfig, fixture_path, load_config, tiny_config
+from kimi_ref.config_keys import config_key, count
 from chapter_solutions import load_solutions
 
 
@@ -56,6 +58,38 @@ def test_flat_layout_reads_its_own_beta_fast():
 def test_round_trip(name):
     c = load_config(fixture_path(name))
     assert KimiConfig.from_dict(c.to_dict()) == c
+
+
+@dataclass(frozen=True, kw_only=True)
+class WithNewKey(KimiConfig):
+    """KimiConfig plus a key a future release might add: the one edit a new key needs."""
+
+    sliding_window: int = config_key(count, "a sliding-attention window in tokens (hypothetical)")
+
+
+@pytest.mark.parametrize("name", ["kimi_k25", "kimi_k2_thinking"])
+def test_a_new_config_key_is_one_declaration(name, tmp_path):
+    """Declaring the field is enough: it is read from where the layout keeps text keys, no longer counted as
+    an unknown (``extra``) key, written back by ``to_dict``/``save``, required, and checked by its kind."""
+    raw = json.loads(fixture_path(name).read_text())
+    text = raw["text_config"] if name == "kimi_k25" else raw
+    text["sliding_window"] = 4096
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(raw))
+    c = WithNewKey.from_file(path)
+    assert c.sliding_window == 4096 and "sliding_window" not in c.extra
+    written = c.to_dict()
+    assert (written["text_config"] if name == "kimi_k25" else written)["sliding_window"] == 4096
+    c.save(tmp_path / "again.json")
+    again = WithNewKey.from_file(tmp_path / "again.json")
+    assert again == c and again.sliding_window == 4096
+    assert KimiConfig.from_dict(raw).extra["sliding_window"] == 4096  # undeclared, it is only kept aside
+    text["sliding_window"] = 0
+    with pytest.raises(ConfigError, match="sliding_window' must be a positive integer, found 0"):
+        WithNewKey.from_dict(raw)
+    del text["sliding_window"]
+    with pytest.raises(ConfigError, match="required key '(text_config.)?sliding_window' is missing"):
+        WithNewKey.from_dict(raw)
 
 
 def test_transformers5_rope_parameters(k25):
