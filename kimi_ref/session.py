@@ -91,14 +91,7 @@ def save_conversation(path: str | Path, messages: list[dict], tools: list[dict] 
 
 def load_conversation(path: str | Path) -> tuple[list[dict], list[dict]]:
     """Read what :func:`save_conversation` wrote (or a bare list of messages): ``(messages, tools)``."""
-    try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
-    except OSError as e:
-        raise ChatError(f"{path}: cannot read the conversation ({e.strerror})") from None
-    except UnicodeDecodeError as e:
-        raise ChatError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    except (json.JSONDecodeError, RecursionError) as e:
-        raise ChatError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, ChatError)
     messages, tools = (data, []) if isinstance(data, list) else (data.get("messages"), data.get("tools") or [])
     if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
         raise ChatError(f"{path}: expected {{'messages': [{{'role': ..., ...}}, ...]}} (OpenAI chat format)")

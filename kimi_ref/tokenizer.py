@@ -42,7 +42,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import json
 import operator
 import unicodedata
 from collections import Counter
@@ -53,6 +52,7 @@ import numpy as np
 import regex
 
 from kimi_ref.bpe import BPEError, bpe_merge, train_merges
+from kimi_ref.config_keys import read_json
 
 __all__ = [
     "KIMI_PAT_STR",
@@ -566,14 +566,7 @@ class Tokenizer:
         ckpt_dir = Path(ckpt_dir)
         config_path = ckpt_dir / "tokenizer_config.json"
         ranks = load_ranks(ckpt_dir / "tiktoken.model")
-        try:
-            config = json.loads(config_path.read_text(encoding="utf-8"))
-        except OSError as exc:
-            raise TokenizerError(f"cannot read {config_path}: {exc}") from None
-        except UnicodeDecodeError as exc:
-            raise TokenizerError(f"{config_path} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except (json.JSONDecodeError, RecursionError) as exc:
-            raise TokenizerError(f"{config_path} is not valid JSON: {exc}") from None
+        config = read_json(config_path, TokenizerError)
         if not isinstance(config, dict):
             raise TokenizerError(f"{config_path}: expected a JSON object, found {type(config).__name__}")
         names: dict[int, str] = {}

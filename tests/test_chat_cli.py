@@ -228,7 +228,7 @@ def test_tp_that_does_not_divide_is_refused(answer_ckpt):
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
     (["--tools", "/nonexistent/tools.json"], "--tools /nonexistent/tools.json: cannot read the file"),
     (["--variant", "k3"], "--variant 'k3': expected one of"),
-    (["--load", "/nonexistent/conv.json"], "/nonexistent/conv.json: cannot read the conversation"),
+    (["--load", "/nonexistent/conv.json"], "/nonexistent/conv.json: cannot read the file"),
 ])
 def test_refusals(args, message, answer_ckpt, capsys):
     # Refusals come before any rank starts, so main() in this process shows exactly what the CLI does.

@@ -422,7 +422,7 @@ def test_non_utf8_tokenizer_config_is_named(tiny, capsys):
     from kimi_ref.tokenizer import Tokenizer, TokenizerError
 
     (tiny / "tokenizer_config.json").write_bytes(b'{"added_tokens_decoder": "\xe9"}')
-    with pytest.raises(TokenizerError, match="tokenizer_config.json is not UTF-8 text"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not UTF-8 text"):
         Tokenizer.from_pretrained(tiny)
 
 

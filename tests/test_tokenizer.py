@@ -410,10 +410,10 @@ def test_from_pretrained_real_format(tmp_path, bos_as_dict, reserved_listed):
 def test_from_pretrained_errors(tmp_path):
     T.save_ranks({bytes([b]): b for b in range(256)}, tmp_path / "tiktoken.model")
     config_path = tmp_path / "tokenizer_config.json"
-    with pytest.raises(TokenizerError, match="cannot read .*tokenizer_config.json"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: cannot read the file"):
         Tokenizer.from_pretrained(tmp_path)
     config_path.write_text("{not json")
-    with pytest.raises(TokenizerError, match="tokenizer_config.json is not valid JSON"):
+    with pytest.raises(TokenizerError, match="tokenizer_config.json: not valid JSON"):
         Tokenizer.from_pretrained(tmp_path)
     config_path.write_text(json.dumps({"added_tokens_decoder": {"700": {"content": "<x>"}}}))
     with pytest.raises(TokenizerError, match="tokenizer_config.json: special token id 700 .* slots 256..511"):
