@@ -10,12 +10,13 @@
 # The pieces:
 #
 # * the data: [weights_tools/nano_data.py](../weights_tools/nano_data.py) — generated conversations in the
-#   real K2.7-Code format (arithmetic, unit conversions, calculator calls, follow-ups, chit-chat),
-#   with the loss only on what the assistant wrote;
+#   real K2.7-Code format (arithmetic, unit conversions, calculator calls, follow-ups, chit-chat) in many
+#   phrasings, with the loss only on what the assistant wrote;
 # * the optimizer: [kimi_ref/muonclip.py](../kimi_ref/muonclip.py) — Muon for the matrices, AdamW for the
 #   rest, and QK-Clip;
 # * the loop: [weights_tools/train_nano.py](../weights_tools/train_nano.py); the grader:
-#   [weights_tools/nano_eval.py](../weights_tools/nano_eval.py).
+#   [weights_tools/nano_eval.py](../weights_tools/nano_eval.py), on held-out phrasings and on questions
+#   written by hand ([tests/nano_questions.py](../tests/nano_questions.py)).
 
 # %%
 import json
@@ -23,6 +24,7 @@ import json
 import matplotlib.pyplot as plt
 import torch
 
+import kimi_ref
 from kimi_ref.chat import default_checkpoint
 from kimi_ref.chat_template import render
 from weights_tools import nano_data, train_nano
@@ -47,6 +49,29 @@ ids, mask = nano_data.encode(example.messages, tok)
 trained = "".join(tok.decode([i]) if m else "·" for i, m in zip(ids, mask))
 print(f"{len(ids)} tokens, {sum(mask)} trained; untrained tokens shown as '·':\n")
 print(trained[-400:])
+
+# %% [markdown]
+# ## The data: any phrasing, numbers up to six digits
+#
+# The mix (`nano_data.KINDS`): arithmetic 55% — operands of 1 to 6 digits, `+ - * /`, remainders,
+# powers, square roots, percentages, negative numbers, decimals, parenthesised expressions —, unit
+# conversions 13% (the factor recalled in the reasoning: "1 mile is 5280 feet, so I multiply 3 by
+# 5280"), follow-ups 17% ("now add 9 to that": the call builds on the last result) and chit-chat 15%
+# (a short answer, never a tool). Every number goes through the calculator, even `2+3`: the first
+# kimi-nano spent 40% of its data memorizing the single-digit table and still missed some of it; a
+# calculator call costs a few tokens and is always right.
+#
+# A question is a *core* ("1234 + 5678", "the product of 12 and 7", "subtract 250 from 1000") set in a
+# *frame* ("What is {}?", "Could you compute {} for me?") with a random case and ending. The frames
+# come in two families, and the held-out set is phrased **only** from the second, so its score measures
+# phrasings the model never saw. The operator words are shared: a model trained from scratch knows no
+# English beyond its data, so "take away" means minus only if some training question said so.
+
+# %%
+for split in nano_data.SPLITS:
+    print(f"{split}: {len(nano_data.FRAMES[split]['noun'])} noun frames, {len(nano_data.FRAMES[split]['verb'])} verb frames")
+    for i in range(4):
+        print("   ", [m["content"] for m in nano_data.example(i, split).messages if m["role"] == "user"])
 
 # %% [markdown]
 # ## Muon vs AdamW
@@ -144,8 +169,53 @@ show(qk_clip_, start="gamma = torch.ones_like")
 #   (`python benchmarks/bench_nano_digits.py`). The shipped nano was trained and graded with split
 #   digits; whether merged ones would make a better finished nano is exercise 3.
 #
-# Last, the single-digit table has to be memorized fact by fact, so those questions got the largest
-# share of the data (`nano_data.KINDS`: at 15% of the data a nano got 38% of them right, at 40% 94%).
+# Last, the single-digit table had to be memorized fact by fact, so those questions got the largest
+# share of that first data (at 15% of the data a nano got 38% of them right, at 40% 94%). The data
+# above drops the table: every number goes to the calculator.
+
+# %% [markdown]
+# ## What it took, again: questions written by people
+#
+# That first kimi-nano scored 96% on its held-out set — whose questions came from the very templates
+# and number sizes it was trained on. Asked as a newcomer would ask, it fell apart: "Compute 1234 +
+# 5678." called `calculator("123+567")`, "hi" got `1 times 1 is 0.`, a literal `</think>` leaked into
+# answers. Graded the same way (greedy, the real tool loop) on the new held-out set and on the 52
+# questions written by hand in [tests/nano_questions.py](../tests/nano_questions.py):
+#
+# | kimi-nano | data | steps × batch | training time | held-out: answer · call · well formed | hand-written: answer · call · well formed |
+# |---|---|---|---:|---|---|
+# | the first | one family of templates, numbers up to 3 digits, 40% single-digit table | 2400 × 16 | 39 min wall | 3.6 · 3.6 · 68% | 34.9 · 23.3 · 73% |
+# | shipped now | the data above | 1700 × 16 | 24 min CPU, 40 wall | 81.9 · 84.3 · 100% | 93.0 · 97.7 · 100% |
+#
+# (INT4 as shipped; 100 held-out conversations, 52 hand-written questions.) The sizes were set by the
+# clock more than by the model: on a 2-core machine shared with other jobs a step of 16 conversations
+# costs 0.85 s of CPU but took 1–3 s of wall time, so runs of 3400 and 2600 steps were stopped for
+# time and 1700 steps shipped, well inside the 60 CPU minutes `train_nano` is allowed. What it still
+# misses is instructive: held-out *follow-ups* (48% right: "Divide it by 3, please." became
+# `304025-3`; a phrase it never saw attached to a result is read as the operator it has seen most)
+# and long runs of one digit, where copying loses count (`999999+1 = 100000.`): attention finds
+# *which* digit to copy by content, and ten 9s in a row all look alike.
+#
+# The plot: held-out accuracy of the new run's snapshots (fp32, experts before INT4; every 170 steps,
+# `python benchmarks/bench_nano_curve.py`), and the first kimi-nano, trained on the old data, graded on
+# the same questions (its own training curve on the old data was not measured again: only the finished
+# model, the crosses).
+
+# %%
+from pathlib import Path
+
+curve = json.loads((Path(kimi_ref.__file__).resolve().parents[1] / "benchmarks/results/nano_curve.json").read_text())
+fig, ax = plt.subplots(figsize=(7, 3.5))
+for key, label in (("answer", "right final answer"), ("tool_call", "right calculator calls"),
+                   ("well_formed", "well-formed output")):
+    ax.plot(curve["steps"], curve["scores"][key], marker="o", label=f"new data: {label}")
+old = curve["old_model"]
+ax.scatter([old["steps"]] * 2, [old["scores"]["answer"], old["scores"]["tool_call"]], color="grey", marker="x",
+           label=f"old data, {old['steps']} steps: answer / calls")
+ax.set(xlabel="training step", ylabel=f"held-out score ({curve['n']} conversations)", ylim=(0, 1.02))
+ax.legend(fontsize=8)
+plt.tight_layout()
+plt.show()
 
 # %% [markdown]
 # ## Talking to it
@@ -154,17 +224,17 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # generate greedily to `<|im_end|>`, parse the kimi_k2 tool call, run the calculator, feed the
 # result back, generate again.
 #
-# On 100 held-out conversations the shipped kimi-nano gets 96% of the answers right and sends a
-# well-formed calculator call asking for the right value 96% of the time
+# On the 100 held-out conversations the shipped kimi-nano gets 82% of the answers right and sends the
+# right calculator calls 84% of the time; on the 52 hand-written questions 93% and 98%; every output
+# is well formed on both
 # ([kimi_ref/data/nano/README.md](../kimi_ref/data/nano/README.md) has the table).
 
 # %%
-import kimi_ref
 from weights_tools import nano_eval
 
 model = kimi_ref.load_model(nano, dtype=torch.float32, progress=False)
 nano_tok = Tokenizer.from_pretrained(nano)
-history, calls = nano_eval.play(model, nano_tok, ["What is 17*23?"])
+history, calls, problems = nano_eval.play(model, nano_tok, ["What is 1000 - 1?", "Now multiply that by 3."])
 for message in history:
     print(f"[{message['role']}]", {k: v for k, v in message.items() if k != "role"})
 

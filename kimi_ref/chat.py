@@ -119,6 +119,8 @@ def _follow(model: Any, tp: TP, pp: PP, device: str, images: ImageTable) -> None
 
 def _rank_main(world: TP, device: str, s: Settings) -> int:
     """What every rank runs: find its stage and TP group, load its slices of its layers, then lead (rank 0) or follow."""
+    if device == "cpu":  # before the first op: kimi-nano's matrices are too small to share between cores
+        torch.set_num_threads(s.threads)
     tp, pp = parallel.make_layout(world, s.tp, s.pp)
     model = load_model(s.ckpt, device=device, dtype=s.dtype, tp=tp, pp=pp, backend=s.backend,
                        progress=world.rank == 0 and sys.stderr.isatty())
@@ -193,6 +195,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="let --save replace an existing file")
     p.add_argument("--load", help="continue a conversation written by --save")
     p.add_argument("--no-timings", action="store_true", help="omit the per-turn token counts and speed")
+    # 1: kimi-nano's 128-wide matrices gain nothing from a second core, and on a busy machine two threads
+    # made decode swing between 2 and 130 tok/s (one answer 4-41 s; one thread: a steady 4-5 s).
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch CPU threads per rank (default 1; raise it for a large checkpoint on CPU)")
     return p
 
 
@@ -243,6 +249,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
         raise ChatError(f"--max-new-tokens must be at least 1, found {args.max_new_tokens}")
     if args.max_tool_rounds < 0:
         raise ChatError(f"--max-tool-rounds must be at least 0, found {args.max_tool_rounds}")
+    if args.threads < 1:
+        raise ChatError(f"--threads must be at least 1, found {args.threads}")
     check_shared_flags(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     check_device(device, world_size)
@@ -297,8 +305,8 @@ def _settings(args: argparse.Namespace) -> tuple[Settings, int]:
                         temperature=sampling[0], top_p=sampling[1], max_new_tokens=sampling[2],
                         seed=args.seed, prompt=args.prompt, system=args.system, tools=tools, images=images,
                         history=history, save=args.save, force=args.force, max_tool_rounds=args.max_tool_rounds,
-                        timings=not args.no_timings, tp=args.tp, pp=args.pp, timeout=args.timeout,
-                        setup=setup)
+                        timings=not args.no_timings, threads=args.threads, tp=args.tp, pp=args.pp,
+                        timeout=args.timeout, setup=setup)
     if (torchrun_env() or (0,))[0] == 0:  # once everything is accepted; under torchrun, once
         for line in said:
             print(line, file=sys.stderr)

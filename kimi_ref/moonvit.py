@@ -166,8 +166,10 @@ class PositionEmbedding(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.init_pos_emb_height, config.init_pos_emb_width,
                                                config.hidden_size, dtype=dtype, device=device))
         # A fresh tower must compute something finite before a checkpoint is loaded (torch.empty may hold
-        # NaNs); small normal values, as ViTs start their learnable tables. A no-op on the meta device.
-        nn.init.normal_(self.weight, std=0.02)
+        # NaNs); small normal values, as ViTs start their learnable tables. Skipped on the meta device
+        # (checkpoint loading), as in Router: there is nothing to fill, and nn.init there imports torch._dynamo (~2 s).
+        if self.weight.device.type != "meta":
+            nn.init.normal_(self.weight, std=0.02)
 
     def forward(self, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """fp32 [Σ t·h·w, D]."""

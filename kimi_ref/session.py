@@ -123,6 +123,7 @@ class Settings:
     force: bool = False  # --save may replace an existing file
     max_tool_rounds: int = 8
     timings: bool = True
+    threads: int = 1  # torch CPU threads per rank (--threads)
     tp: int = 1  # ranks per pipeline stage
     pp: int = 1  # pipeline stages
     timeout: float = 1800.0  # seconds a rank waits for another

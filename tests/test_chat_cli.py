@@ -226,6 +226,7 @@ def test_tp_that_does_not_divide_is_refused(answer_ckpt):
     (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     (["--top-p", "0"], "top_p must lie in (0, 1]"),
     (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+    (["--threads", "0"], "--threads must be at least 1"),
     (["--tools", "/nonexistent/tools.json"], "--tools /nonexistent/tools.json: cannot read the file"),
     (["--variant", "k3"], "--variant 'k3': expected one of"),
     (["--load", "/nonexistent/conv.json"], "/nonexistent/conv.json: cannot read the file"),
@@ -239,6 +240,21 @@ def test_refusals(args, message, answer_ckpt, capsys):
     assert main([*base, *args, "--prompt", "hi", *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith("kimi_ref.chat: error: ") and message in err, err
+
+
+def test_cpu_threads_default_to_one(answer_ckpt, capsys):
+    # kimi-nano's matrices are too small to share between cores: on a busy 2-core machine two threads made
+    # one answer take 4-41 s instead of a steady 4-5 s (issue 17). One rank runs in this process.
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert main(["--ckpt", str(answer_ckpt), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+        assert torch.get_num_threads() == 1
+        assert main(["--ckpt", str(answer_ckpt), "--device", "cpu", "--prompt", "hi", "--max-new-tokens", "2",
+                     "--threads", "2"]) == 0
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_missing_checkpoint_pieces_are_named(tmp_path, capsys):

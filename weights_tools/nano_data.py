@@ -10,36 +10,45 @@ prompt (``<|im_assistant|>assistant<|im_middle|><think>``) through its ``<|im_en
 
 Kinds of conversation (training weights in ``KINDS``, held-out ones in ``HELDOUT_KINDS``):
 
-* ``mental``   — single-digit arithmetic answered with short reasoning, no tool;
-* ``calc``     — multi-digit arithmetic: reasoning, a ``calculator`` tool call, the tool's result, the answer;
-* ``units``    — unit conversions: the factor is recalled in the reasoning, the product goes to the calculator;
+* ``calc``     — arithmetic, always through the calculator: operands of 1 to 6 digits, ``+ - * /``,
+  remainders, powers, square roots, percentages, negative numbers and parenthesised expressions;
+  reasoning names the expression, the call sends it, the answer repeats the tool's result;
+* ``units``    — unit conversions: the factor is recalled in the reasoning, the calculator multiplies
+  (big unit to small) or divides (small to big);
 * ``followup`` — a ``calc`` turn, then "now add 9 to that": the next call builds on the earlier result;
-* ``chat``     — greetings, thanks, "who are you".
+* ``chat``     — greetings, thanks, "who are you", questions outside arithmetic: a short answer, no tool.
 
-Determinism: ``example(i, split, seed)`` is a pure function of its arguments. The held-out split draws
-from its own stream, and every question text of the tool-using kinds belongs to exactly one split (a
-hash partition), so no held-out calculator, unit or follow-up question is ever trained on. The
-single-digit ``mental`` table (a few hundred facts) and ``chat`` lines are small closed sets shared by
-both splits: the held-out set tests them for recall, not for generalization.
+kimi-nano never does arithmetic in its head, even ``2+3``: a model this small cannot hold a times table
+and copy six-digit numbers at once (the first kimi-nano spent 40% of its data on the single-digit table),
+and the calculator is always right.
+
+**Phrasing.** A question is a *core* ("1234 + 5678", "the product of 12 and 7", "add 5 to 9") set in a
+*frame* ("What is {}?", "Could you compute {} for me?") with a random case and ending. Frames come in
+two disjoint families: ``train`` and ``heldout``. The held-out split uses only the second, so its score
+measures phrasings the model never saw (the operator words are shared: a model trained from scratch has
+no English outside its data, so "take away" means nothing unless some training question used it).
+Chit-chat lines are split the same way.
+
+Determinism: ``example(i, split, seed)`` is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import random
 import sys
 from dataclasses import dataclass
 from typing import Any
 
-from kimi_ref.chat import calculator  # the very tool the chat CLI runs (AST walk, never eval)
 from kimi_ref.chat_template import render_ids
+from kimi_ref.tools import calculator  # the very tool the chat CLI runs (AST walk, never eval)
 
-__all__ = ["CALCULATOR_TOOL", "TOOLS", "KINDS", "HELDOUT_KINDS", "Example", "conversation", "example", "encode", "batches",
-           "calculator", "VARIANT"]
+__all__ = ["CALCULATOR_TOOL", "TOOLS", "KINDS", "HELDOUT_KINDS", "FRAMES", "Example", "conversation", "example",
+           "encode", "batches", "calculator", "VARIANT", "SPLITS"]
 
 VARIANT = "k2.7-code"
+SPLITS = ("train", "heldout")
 
 # The tool kimi-nano is trained with; `python -m kimi_ref.chat` declares the same one by default.
 CALCULATOR_TOOL: dict[str, Any] = {
@@ -56,152 +65,268 @@ CALCULATOR_TOOL: dict[str, Any] = {
 }
 TOOLS = [CALCULATOR_TOOL]
 
-# The mix is set by what is hard for a model this small. The tool kinds only need numbers *copied* (into
-# the call, out of the result), learned once for all numbers; the single-digit table has to be *memorized*,
-# fact by fact, so `mental` gets the largest share (trained at 0.15, a kimi-nano got 38% of those right; at
-# 0.4 94%). The six chat lines are learned almost at once.
-KINDS = {"mental": 0.4, "calc": 0.25, "units": 0.1, "followup": 0.17, "chat": 0.08}
-# The held-out set keeps a mix of its own, fixed, so that retuning the training mix never changes the test;
-# it leans towards the tool kinds, which the grader scores most finely.
-HELDOUT_KINDS = {"mental": 0.15, "calc": 0.35, "units": 0.15, "followup": 0.2, "chat": 0.15}
-OPS = {"+": ("plus", "add", "the sum of"), "-": ("minus", "subtract", "the difference of"),
-       "*": ("times", "multiply", "the product of")}
-UNITS = [  # (one, from, to, factor)
-    ("meter", "meters", "centimeters", 100), ("kilometer", "kilometers", "meters", 1000),
-    ("kilogram", "kilograms", "grams", 1000), ("hour", "hours", "minutes", 60),
-    ("minute", "minutes", "seconds", 60), ("day", "days", "hours", 24), ("week", "weeks", "days", 7),
-    ("foot", "feet", "inches", 12), ("liter", "liters", "milliliters", 1000), ("dozen", "dozens", "items", 12),
+KINDS = {"calc": 0.55, "units": 0.13, "followup": 0.17, "chat": 0.15}
+# The held-out set keeps a mix of its own, fixed, so that retuning the training mix never changes the test.
+HELDOUT_KINDS = {"calc": 0.5, "units": 0.15, "followup": 0.2, "chat": 0.15}
+
+# ---- phrasing -------------------------------------------------------------------------------------------
+# A noun core ("12 plus 7") goes in a noun frame, a verb core ("add 12 and 7") in a verb frame.
+FRAMES = {
+    "train": {
+        "noun": ["{}", "{}?", "What is {}?", "What's {}?", "whats {}", "Compute {}.", "Calculate {}",
+                 "How much is {}?", "Tell me {}.", "Please compute {}.", "Can you calculate {}?", "Work out {}.",
+                 "Evaluate {}", "{} = ?", "{} =", "What does {} equal?", "What is the value of {}?",
+                 "Could you compute {} for me?", "Please tell me what {} is.", "I need {}.", "Solve {}",
+                 "what is {} please", "Tell me what {} is", "Can you tell me {}?", "What is {} equal to?", "Hi, what is {}?", "Quick: {}?",
+                 "I want to know {}.", "Result of {}?", "{} is what?", "Tell me the answer to {}.",
+                 "Please calculate {}", "What would {} be?", "How much does {} come to?", "what's {}??"],
+        "verb": ["{}.", "{}", "Please {}.", "Can you {}?", "{} for me.", "Could you {}, please?", "{}, please",
+                 "Please {} for me.", "Can you please {}?", "I need you to {}.", "Now {}."],
+    },
+    "heldout": {
+        "noun": ["Hey, what is {}?", "Quick question: what's {}?", "I'd like to know {}.", "Find {}.",
+                 "What do you get for {}?", "What's the result of {}?", "Figure out {} please.", "So what is {}?",
+                 "Help me with {}.", "Give me {}.", "Answer this: {}", "Do you know what {} is?"],
+        "verb": ["Kindly {}.", "Would you {}?", "Go ahead and {}.", "Hey, {} please.", "I want you to {}."],
+    },
+}
+# (core, expression); a, b are numbers as the user writes them, x, y as the calculator takes them
+CORES = {
+    "+": (["{a} + {b}", "{a}+{b}", "{a} plus {b}", "the sum of {a} and {b}", "{a} and {b} added together"],
+          ["add {a} and {b}", "add {b} to {a}", "sum {a} and {b}"], "{x}+{y}"),
+    "-": (["{a} - {b}", "{a}-{b}", "{a} minus {b}", "{a} take away {b}", "the difference between {a} and {b}",
+           "{a} less {b}"], ["subtract {b} from {a}", "take {b} away from {a}", "take away {b} from {a}"], "{x}-{y}"),
+    "*": (["{a} * {b}", "{a}*{b}", "{a} x {b}", "{a} times {b}", "{a} multiplied by {b}", "the product of {a} and {b}"],
+          ["multiply {a} by {b}", "multiply {a} and {b}"], "{x}*{y}"),
+    "/": (["{a} / {b}", "{a}/{b}", "{a} divided by {b}", "{a} over {b}", "the quotient of {a} and {b}"],
+          ["divide {a} by {b}"], "{x}/{y}"),
+    "%": (["the remainder of {a} divided by {b}", "{a} mod {b}", "{a} modulo {b}",
+           "the remainder when {a} is divided by {b}"], ["divide {a} by {b} and give the remainder"], "{x}%{y}"),
+    "**": (["{a} to the power of {b}", "{a}^{b}", "{a} ^ {b}", "{a}**{b}", "{a} raised to the power of {b}",
+            "{a} to the power {b}"], ["raise {a} to the power of {b}"], "{x}**{y}"),
+    "pct": (["{a}% of {b}", "{a} percent of {b}", "{a} % of {b}"], ["take {a}% of {b}"], "{x}*{y}/100"),
+}
+SQUARES = (["{a} squared", "the square of {a}"], ["square {a}"], "{x}**2")
+CUBES = (["{a} cubed", "the cube of {a}"], ["cube {a}"], "{x}**3")
+ROOTS = (["the square root of {a}", "sqrt({a})", "sqrt {a}"], ["take the square root of {a}"], "sqrt({x})")
+
+UNITS = [  # (one big, big, small, factor)
+    ("meter", "meters", "centimeters", 100), ("meter", "meters", "millimeters", 1000),
+    ("kilometer", "kilometers", "meters", 1000), ("kilogram", "kilograms", "grams", 1000),
+    ("hour", "hours", "minutes", 60), ("minute", "minutes", "seconds", 60), ("hour", "hours", "seconds", 3600),
+    ("day", "days", "hours", 24), ("week", "weeks", "days", 7), ("year", "years", "months", 12),
+    ("foot", "feet", "inches", 12), ("yard", "yards", "feet", 3), ("mile", "miles", "feet", 5280),
+    ("liter", "liters", "milliliters", 1000), ("pound", "pounds", "ounces", 16), ("dozen", "dozens", "eggs", 12),
 ]
-QUESTION_FORMS = ["What is {a}{op}{b}?", "What is {a} {op} {b}?", "Compute {a}{op}{b}.", "Calculate {a} {op} {b}",
-                  "what's {a}{op}{b}", "How much is {a} {word} {b}?", "Please work out {a}{op}{b}."]
-UNIT_FORMS = ["How many {to} are in {n} {frm}?", "Convert {n} {frm} to {to}.", "{n} {frm} is how many {to}?"]
-FOLLOWUPS = [("Now add {c} to that.", "+"), ("Subtract {c} from that.", "-"), ("Multiply that by {c}.", "*"),
-             ("And plus {c}?", "+")]
+UNIT_FRAMES = {
+    "train": ["How many {to} are in {n} {frm}?", "Convert {n} {frm} to {to}.", "{n} {frm} in {to}?",
+              "What is {n} {frm} in {to}?", "how many {to} is {n} {frm}", "{n} {frm} to {to}",
+              "How many {to} in {n} {frm}?", "Please convert {n} {frm} into {to}."],
+    "heldout": ["{n} {frm} equals how many {to}?", "Express {n} {frm} in {to}.", "Change {n} {frm} into {to}.",
+                "I have {n} {frm}. How many {to} is that?", "What's {n} {frm} in {to}?"],
+}
+FOLLOWUPS = {  # (text, operator, fixed operand or None)
+    "train": [("Now add {c} to that.", "+", None), ("Add {c} to that", "+", None), ("and plus {c}?", "+", None),
+              ("Subtract {c} from that.", "-", None), ("minus {c}?", "-", None), ("Now take away {c}.", "-", None),
+              ("Multiply that by {c}.", "*", None), ("times {c}?", "*", None), ("Divide that by {c}.", "/", None),
+              ("What if I add {c}?", "+", None), ("Now double it.", "*", 2), ("Halve that.", "/", 2),
+              ("Square that.", "**", 2), ("And multiply the result by {c}", "*", None)],
+    # (new words for the same operations; a held-out "triple" was a word no training question had used)
+    "heldout": [("Then add {c}.", "+", None), ("Take {c} away from that.", "-", None),
+                ("Okay, now multiply it by {c}.", "*", None), ("Divide it by {c}, please.", "/", None),
+                ("and what's that plus {c}?", "+", None), ("What is that minus {c}?", "-", None)],
+}
+# (category, lines by split, reasoning, answer): no tool, ever
 CHAT = [
-    ("Hello!", "The user is greeting me.", "Hello! Ask me an arithmetic question and I will work it out."),
-    ("Hi", "A greeting.", "Hi! I can help with arithmetic and unit conversions."),
-    ("Thanks!", "The user is thanking me.", "You are welcome!"),
-    ("Who are you?", "The user asks who I am.",
+    ("greeting", {"train": ["Hello!", "Hi", "hi", "hello", "Hey", "Hi there!", "Good morning", "Good evening",
+                            "hey there", "Hello, how are you?", "How are you?", "Hi! How are you doing?", "yo"],
+                  "heldout": ["Hello! How are you today?", "Good afternoon!", "hiya", "Hey, how's it going?"]},
+     "A greeting: no tool needed.", "Hello! Ask me an arithmetic question or a unit conversion."),
+    ("thanks", {"train": ["Thanks!", "thank you", "Thank you very much.", "thanks a lot", "Cheers", "Great, thanks."],
+                "heldout": ["Thanks so much!", "ok thank you", "Perfect, thank you!"]},
+     "The user is thanking me.", "You are welcome!"),
+    ("who", {"train": ["Who are you?", "What are you?", "What's your name?", "who made you", "Are you a robot?"],
+             "heldout": ["Tell me about yourself.", "What is your name?"]},
+     "The user asks who I am.",
      "I am kimi-nano, a tiny model with Kimi's architecture, trained from scratch to show how it works."),
-    ("What can you do?", "The user asks what I can do.",
-     "I can do arithmetic, convert units, and use a calculator tool for big numbers."),
-    ("Good morning", "A greeting.", "Good morning! What shall we calculate?"),
+    ("help", {"train": ["What can you do?", "Help", "help me", "How do I use you?", "What do you know?"],
+              "heldout": ["What are you good at?", "How can you help me?"]},
+     "The user asks what I can do.",
+     "I can do arithmetic and convert units, with a calculator tool for the exact numbers."),
+    ("bye", {"train": ["Bye!", "Goodbye", "See you later", "bye bye"], "heldout": ["See you!", "Good night"]},
+     "The user is leaving.", "Goodbye!"),
+    ("other", {"train": ["What is the capital of France?", "Tell me a joke.", "What's the weather like?",
+                         "Write a poem.", "Who won the World Cup?", "What time is it?", "Can you speak French?",
+                         "What is the meaning of life?", "Recommend a book."],
+               "heldout": ["What's the tallest mountain?", "Sing me a song.", "Who is the president?"]},
+     "This is not arithmetic or a unit conversion.", "I only know arithmetic and unit conversions; try one of those."),
 ]
-
-
-def _apply(a: int, op: str, b: int) -> int:
-    return a * b if op == "*" else a + b if op == "+" else a - b
-
-
-def _call(index: int, expression: str) -> dict:
-    return {"id": f"functions.calculator:{index}", "type": "function",
-            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
-
-
-def _tool_turn(index: int, expression: str, why: str) -> list[dict]:
-    result = calculator(expression)
-    return [
-        {"role": "assistant", "reasoning_content": why, "content": "", "tool_calls": [_call(index, expression)]},
-        {"role": "tool", "tool_call_id": f"functions.calculator:{index}", "name": "calculator", "content": result},
-    ]
-
-
-def _operands(rng: random.Random) -> tuple[int, str, int]:
-    op = rng.choice("+-*")
-    if op == "*":
-        return rng.randint(2, 99), op, rng.randint(2, 99)
-    a, b = rng.randint(10, 999), rng.randint(10, 999)
-    return (max(a, b), op, min(a, b)) if op == "-" else (a, op, b)  # results stay positive
-
-
-def _calc_turns(rng: random.Random, call_index: int) -> tuple[list[dict], int]:
-    a, op, b = _operands(rng)
-    form = rng.choice(QUESTION_FORMS)
-    question = form.format(a=a, b=b, op=op, word=OPS[op][0])
-    expression = f"{a}{op}{b}"
-    result = _apply(a, op, b)
-    messages = [{"role": "user", "content": question}]
-    messages += _tool_turn(call_index, expression, f"The user wants {a} {OPS[op][0]} {b}. I will use the calculator.")
-    messages.append({"role": "assistant", "reasoning_content": f"The calculator says {result}.",
-                     "content": f"{a} {op} {b} = {result}."})
-    return messages, result
-
-
-def conversation(rng: random.Random, kind: str) -> tuple[list[dict], dict]:
-    """One conversation of ``kind`` and what a grader needs: ``{"answer": int | None, "tool": bool}``."""
-    if kind == "mental":
-        a, b = rng.randint(0, 9), rng.randint(0, 9)
-        op = rng.choice("+*") if a < b else rng.choice("+-*")
-        result = _apply(a, op, b)
-        question = rng.choice(QUESTION_FORMS).format(a=a, b=b, op=op, word=OPS[op][0])
-        return [{"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": f"{a} {OPS[op][0]} {b} is {result}. Small enough to do in my head.",
-                 "content": f"{a} {op} {b} = {result}."}], {"answer": result, "tool": False}
-    if kind == "calc":
-        messages, result = _calc_turns(rng, 0)
-        return messages, {"answer": result, "tool": True}
-    if kind == "units":
-        one, frm, to, factor = rng.choice(UNITS)
-        n = rng.randint(2, 99)
-        question = rng.choice(UNIT_FORMS).format(n=n, frm=frm, to=to)
-        result = n * factor
-        messages = [{"role": "user", "content": question}]
-        messages += _tool_turn(0, f"{n}*{factor}", f"1 {one} is {factor} {to}, so I multiply {n} by {factor}.")
-        messages.append({"role": "assistant", "reasoning_content": f"The calculator says {result}.",
-                         "content": f"{n} {frm} is {result} {to}."})
-        return messages, {"answer": result, "tool": True}
-    if kind == "followup":
-        messages, first = _calc_turns(rng, 0)
-        text, op = rng.choice(FOLLOWUPS)
-        c = rng.randint(2, 99)
-        if op == "-" and c > first:
-            text, op = FOLLOWUPS[0]
-        result = _apply(first, op, c)
-        messages.append({"role": "user", "content": text.format(c=c)})
-        messages += _tool_turn(1, f"{first}{op}{c}",
-                               f"The previous result was {first}. Now {first} {OPS[op][0]} {c}.")
-        messages.append({"role": "assistant", "reasoning_content": f"The calculator says {result}.",
-                         "content": f"That makes {result}."})
-        return messages, {"answer": result, "tool": True}
-    if kind == "chat":
-        question, why, answer = rng.choice(CHAT)
-        return [{"role": "user", "content": question},
-                {"role": "assistant", "reasoning_content": why, "content": answer}], {"answer": None, "tool": False}
-    raise ValueError(f"unknown conversation kind {kind!r}; expected one of {sorted(KINDS)}")
-
-
-def _question_key(messages: list[dict]) -> str:
-    return messages[0]["content"]
 
 
 @dataclass(frozen=True)
 class Example:
     messages: list
     kind: str
-    grade: dict
+    grade: dict  # {"answer": the calculator's last result (str) or None, "tool": bool}
+
+
+def _number(rng: random.Random, low_digits: int = 1, high_digits: int = 6) -> int:
+    digits = rng.randint(low_digits, high_digits)
+    return rng.randint(10 ** (digits - 1) if digits > 1 else 0, 10 ** digits - 1)
+
+
+def _written(n: int | str, rng: random.Random) -> str:
+    """How a person types a number: sometimes with thousands separators."""
+    if isinstance(n, int) and abs(n) >= 1000 and rng.random() < 0.1:
+        return f"{n:,}"
+    return str(n)
+
+
+def _shape(text: str, rng: random.Random) -> str:
+    """Random surface: case and the ending."""
+    r = rng.random()
+    if r < 0.15:
+        text = text.lower()
+    elif r < 0.2:
+        text = text[0].upper() + text[1:]
+    r = rng.random()
+    if r < 0.12 and text[-1] in "?.":
+        text = text[:-1]
+    elif r < 0.16 and text[-1] == "?":
+        text += "?"
+    return text
+
+
+def _frame(rng: random.Random, split: str, nouns: list[str], verbs: list[str], **slots) -> str:
+    if verbs and rng.random() < 0.25:
+        frame, core = rng.choice(FRAMES[split]["verb"]), rng.choice(verbs)
+        text = frame.format(core.format(**slots))
+        return _shape(text[0].upper() + text[1:], rng)
+    return _shape(rng.choice(FRAMES[split]["noun"]).format(rng.choice(nouns).format(**slots)), rng)
+
+
+def _operands(rng: random.Random, op: str) -> tuple[int, int]:
+    if op == "/":
+        b = _number(rng, 1, 3) or 7
+        return (b * _number(rng, 1, 3), b) if rng.random() < 0.5 else (_number(rng), b)  # exact, or a decimal
+    if op == "%":
+        return _number(rng, 2, 6), _number(rng, 1, 3) or 9
+    if op == "**":
+        a = rng.randint(2, 99)
+        return a, rng.randint(2, 40 if a == 2 else 12 if a < 10 else 6)
+    if op == "pct":
+        return rng.choice([5, 10, 12, 15, 20, 25, 30, 40, 50, 75, rng.randint(1, 99)]), _number(rng, 1, 5)
+    a, b = _number(rng), _number(rng)
+    if rng.random() < 0.12:
+        a = -a  # negative numbers: typed by the user, copied into the expression
+    if op in "+*" and rng.random() < 0.06:
+        a = a / 10  # a decimal operand, one place: 12.5
+    return a, b
+
+
+def _expression_question(rng: random.Random, split: str) -> tuple[str, str]:
+    """Parenthesised and multi-operator expressions, typed as symbols: copied without spaces."""
+    n = [_number(rng, 1, 4) for _ in range(3)]
+    ops = [rng.choice("+-*") for _ in range(2)]
+    form = rng.choice(["({0}{o0}{1}){o1}{2}", "{0}{o0}({1}{o1}{2})", "{0}{o0}{1}{o1}{2}"])
+    expression = form.format(*n, o0=ops[0], o1=ops[1])
+    spaced = expression
+    if rng.random() < 0.6:
+        for op in "+-*":
+            spaced = spaced.replace(op, f" {op} ")
+    return _shape(rng.choice(FRAMES[split]["noun"]).format(spaced), rng), expression
+
+
+def _calc_question(rng: random.Random, split: str) -> tuple[str, str]:
+    """(question, expression)."""
+    r = rng.random()
+    if r < 0.1:
+        return _expression_question(rng, split)
+    if r < 0.16:
+        nouns, verbs, expression = rng.choice([SQUARES, CUBES, ROOTS])
+        a = rng.randint(2, 999) if expression != "sqrt({x})" else rng.choice([rng.randint(2, 99) ** 2, _number(rng, 1, 6)])
+        return _frame(rng, split, nouns, verbs, a=_written(a, rng)), expression.format(x=a)
+    op = rng.choices(list(CORES), [3, 3, 3, 2, 1, 1, 1])[0]
+    nouns, verbs, expression = CORES[op]
+    a, b = _operands(rng, op)
+    if op in "+-*" and b > 0 and rng.random() < 0.05:
+        b, nouns, verbs = -b, [c for c in nouns if "{a} " in c and "{b}" in c and c[-3:] == "{b}"], []
+    y = f"({b})" if b < 0 else b
+    return _frame(rng, split, nouns, verbs, a=_written(a, rng), b=_written(b, rng)), expression.format(x=a, y=y)
+
+
+def _tool_turns(expression: str, why: str, answer: str, index: int = 0) -> tuple[list[dict], str]:
+    result = calculator(expression)
+    if result.startswith("error:"):
+        raise AssertionError(f"nano_data made an expression the calculator refuses: {expression!r}: {result}")
+    call = {"id": f"functions.calculator:{index}", "type": "function",
+            "function": {"name": "calculator", "arguments": json.dumps({"expression": expression})}}
+    return [{"role": "assistant", "reasoning_content": why, "content": "", "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call["id"], "name": "calculator", "content": result},
+            {"role": "assistant", "reasoning_content": "The calculator answered.",
+             "content": answer.format(result=result)}], result
+
+
+def _calc(rng: random.Random, split: str, index: int = 0) -> tuple[list[dict], str]:
+    question, expression = _calc_question(rng, split)
+    turns, result = _tool_turns(expression, f"I will compute {expression} with the calculator.",
+                                f"{expression} = {{result}}.", index)
+    return [{"role": "user", "content": question}] + turns, result
+
+
+def _units(rng: random.Random, split: str) -> tuple[list[dict], str]:
+    one, big, small, factor = rng.choice(UNITS)
+    n = _number(rng, 1, 4) or 1
+    if rng.random() < 0.7:
+        frm, to, op, verb = (one if n == 1 else big), small, "*", "multiply"
+    else:
+        frm, to, op, verb = small, big, "/", "divide"
+    question = _shape(rng.choice(UNIT_FRAMES[split]).format(n=_written(n, rng), frm=frm, to=to), rng)
+    why = f"1 {one} is {factor} {small}, so I {verb} {n} by {factor}."
+    turns, result = _tool_turns(f"{n}{op}{factor}", why, f"{n} {frm} is {{result}} {to}.")
+    return [{"role": "user", "content": question}] + turns, result
+
+
+def _followup(rng: random.Random, split: str) -> tuple[list[dict], str]:
+    messages, first = _calc(rng, split)
+    text, op, fixed = rng.choice(FOLLOWUPS[split])
+    while op == "**" and len(first) > 6:  # keep results short enough to copy
+        text, op, fixed = rng.choice(FOLLOWUPS[split])
+    c = fixed or _number(rng, 1, 3) or 3
+    expression = f"{first}{op}{c}" if not first.startswith("-") or op in "+-" else f"({first}){op}{c}"
+    turns, result = _tool_turns(expression, f"The last result was {first}. Now {expression}.", "That makes {result}.", 1)
+    return messages + [{"role": "user", "content": _shape(text.format(c=c), rng)}] + turns, result
+
+
+def conversation(rng: random.Random, kind: str, split: str = "train") -> tuple[list[dict], dict]:
+    """One conversation of ``kind`` phrased from ``split``'s family, and what a grader needs:
+    ``{"answer": the last calculator result (str) or None, "tool": bool}``."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
+    if kind == "calc":
+        messages, result = _calc(rng, split)
+    elif kind == "units":
+        messages, result = _units(rng, split)
+    elif kind == "followup":
+        messages, result = _followup(rng, split)
+    elif kind == "chat":
+        _, lines, why, answer = rng.choice(CHAT)
+        return [{"role": "user", "content": rng.choice(lines[split])},
+                {"role": "assistant", "reasoning_content": why, "content": answer}], {"answer": None, "tool": False}
+    else:
+        raise ValueError(f"unknown conversation kind {kind!r}; expected one of {sorted(KINDS)}")
+    return messages, {"answer": result, "tool": True}
 
 
 def example(index: int, split: str = "train", seed: int = 0) -> Example:
-    """The ``index``-th conversation of a split; a pure function of its arguments.
-
-    The held-out split draws from a different stream, and its questions are kept disjoint from the
-    training split's by a hash partition of the question text: a question text belongs to exactly
-    one split, so no held-out question can appear in training whatever the training length.
-    """
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', found {split!r}")
+    """The ``index``-th conversation of a split; a pure function of its arguments."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
     rng = random.Random(f"kimi-nano/{seed}/{split}/{index}")
     kinds, weights = zip(*(KINDS if split == "train" else HELDOUT_KINDS).items())
     kind = rng.choices(kinds, weights)[0]  # first the kind, so each split keeps its mix
-    while True:
-        messages, grade = conversation(rng, kind)
-        if kind in ("mental", "chat") or _in_split(_question_key(messages), split):
-            return Example(messages, kind, grade)
-
-
-def _in_split(question: str, split: str) -> bool:
-    bucket = hashlib.sha256(question.encode()).digest()[0] % 10
-    return (bucket == 0) == (split == "heldout")  # 10% of question texts are held out
+    messages, grade = conversation(rng, kind, split)
+    return Example(messages, kind, grade)
 
 
 def encode(messages: list[dict], tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -239,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.nano_data", description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--split", default="train", choices=["train", "heldout"])
+    parser.add_argument("--split", default="train", choices=list(SPLITS))
     args = parser.parse_args(argv)
     tok = Tokenizer.demo()
     for i in range(args.n):

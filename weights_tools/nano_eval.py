@@ -1,20 +1,24 @@
-"""Grade kimi-nano on the held-out conversations: greedy decoding, the real tool loop, exact answers.
+"""Grade kimi-nano: greedy decoding, the real tool loop, exact answers, on any list of questions.
 
     python -m weights_tools.nano_eval [CKPT] [--n 100] [--dtype bfloat16] [--dense]   # --dense: experts before INT4
 
-For each held-out conversation of :mod:`weights_tools.nano_data` the model plays every assistant turn
-itself: the prompt is rendered with the real template from the history so far (its *own* earlier
-answers and reasoning, not the reference ones), it generates greedily up to ``<|im_end|>``, the output
-is parsed with :func:`kimi_ref.tool_parsing.parse`, a calculator call is executed and its result fed
-back as a tool message, until it answers without a call (at most ``MAX_STEPS`` calls per user turn).
+For each conversation the model plays every assistant turn itself: the prompt is rendered with the real
+template from the history so far (its *own* earlier answers and reasoning, not the reference ones), it
+generates greedily up to ``<|im_end|>``, the output is parsed with :func:`kimi_ref.tool_parsing.parse`, a
+calculator call is executed and its result fed back as a tool message, until it answers without a call
+(at most ``MAX_STEPS`` calls per user turn). :func:`grade` scores one conversation against what was
+expected; :func:`evaluate` runs the held-out split of :mod:`weights_tools.nano_data` (phrasings never
+trained on) and :func:`score` any list of :class:`Question` (tests/nano_questions.py: written by hand).
 
 Scores (fractions of the conversations that have them):
 
-* ``arithmetic`` — the last answer contains the right number (every kind with a number to find);
-* ``well_formed`` — on the kinds that need the calculator: the model called it, and every call is well
-  formed (one call, named ``calculator``, JSON arguments with an ``expression`` the calculator evaluates);
-* ``tool_call``  — the same, and every call asks for the right value;
-* ``uses_result`` — among those, the final answer contains the number the tool returned.
+* ``answer``      — the last number of the final answer equals the expected value (every question with one);
+* ``tool_call``   — on questions that need the calculator: one call per user turn, each well formed (named
+  ``calculator``, JSON arguments with an ``expression`` it evaluates) and giving the expected value;
+* ``well_formed`` — every output of the conversation parses with no ``problems``: reasoning closed once,
+  ended by ``<|im_end|>``, calls in the kimi_k2 grammar, and no marker left in the reasoning or answer;
+* ``no_tool``     — on chit-chat: answered in words, without calling anything;
+* ``uses_result`` — on questions whose last call worked: the final answer ends with the tool's result.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ import argparse
 import json
 import re
 import sys
+from dataclasses import dataclass
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
@@ -33,21 +39,46 @@ from kimi_ref.generate import generate
 from kimi_ref.tool_parsing import parse
 from weights_tools import nano_data
 
-__all__ = ["play", "evaluate", "dense_twin", "MAX_STEPS"]
+__all__ = ["Question", "play", "grade", "score", "evaluate", "heldout_questions", "dense_twin", "same_number",
+           "MAX_STEPS"]
 
 MAX_STEPS = 3
 MAX_NEW_TOKENS = 96
+# Marker text that must never reach the user: the special tokens, and the think tags typed as text.
+_MARKERS = re.compile(r"<\|[a-z_]+\|>|</?think>")
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 
 
-def _contains_number(text: str, number: int) -> bool:
-    return re.search(rf"(?<![\d.]){re.escape(str(number))}(?![\d]|\.\d)", text or "") is not None
+@dataclass(frozen=True)
+class Question:
+    """A conversation to play: the user's turns, the expected final value (None for chit-chat), and the
+    values the calculator must return, one per call (empty: no tool may be called)."""
+
+    turns: tuple[str, ...]
+    answer: str | None
+    results: tuple[str, ...] = ()
 
 
-def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict]]:
-    """Run the conversation; returns (messages, calls) where calls = [{"ok", "expression", "result"}]."""
+def same_number(a: str, b: str) -> bool:
+    """Equal as decimals ("36" and "36.0" are; "1,234" is not a number here)."""
+    try:
+        return Decimal(a) == Decimal(b)
+    except InvalidOperation:
+        return False
+
+
+def _last_number(text: str) -> str | None:
+    numbers = _NUMBER.findall(text or "")
+    return numbers[-1] if numbers else None
+
+
+def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict], list[str]]:
+    """Run the conversation; returns (messages, calls, problems) where calls = [{"ok", "expression", "result"}]
+    and problems lists every format fault of every output (empty: all well formed)."""
     im_end = tokenizer.special_id("<|im_end|>")
     history: list[dict] = []
     calls: list[dict] = []
+    problems: list[str] = []
     for text in user_turns:
         history.append({"role": "user", "content": text})
         for _ in range(MAX_STEPS + 1):
@@ -55,6 +86,12 @@ def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict
             out = generate(model, prompt, max_new_tokens=MAX_NEW_TOKENS, temperature=0.0, stop_ids=[im_end])
             tokens = [t for t in out.tokens if t != im_end]
             parsed = parse(tokens, tokenizer)
+            problems += parsed["problems"]
+            if out.finish_reason != "stop":
+                problems.append(f"no <|im_end|> within {MAX_NEW_TOKENS} tokens")
+            for field in ("reasoning_content", "content"):
+                if _MARKERS.search(parsed[field] or ""):
+                    problems.append(f"a marker in the {field}: {parsed[field]!r}")
             message: dict[str, Any] = {"role": "assistant", "content": parsed["content"]}
             if parsed["reasoning_content"]:
                 message["reasoning_content"] = parsed["reasoning_content"]
@@ -78,43 +115,71 @@ def play(model, tokenizer, user_turns: list[str]) -> tuple[list[dict], list[dict
                 calls.append(record)
                 history.append({"role": "tool", "tool_call_id": call["id"], "name": call["function"]["name"],
                                 "content": content})
-    return history, calls
+    return history, calls, problems
 
 
-def _expected_results(messages: list[dict]) -> list[str]:
-    return [m["content"] for m in messages if m["role"] == "tool"]
+def grade(model, tokenizer, question: Question) -> dict:
+    """Play ``question``; its scores (None where a score does not apply) and the conversation."""
+    history, calls, problems = play(model, tokenizer, list(question.turns))
+    final = history[-1]["content"] if history[-1]["role"] == "assistant" else ""
+    last = _last_number(final)
+    out: dict[str, Any] = {"answer": None, "tool_call": None, "well_formed": not problems, "no_tool": None,
+                           "uses_result": None, "conversation": history, "problems": problems}
+    if question.answer is not None:
+        out["answer"] = last is not None and same_number(last, question.answer)
+    if question.results:
+        out["tool_call"] = len(calls) == len(question.results) and all(
+            c["ok"] and same_number(c["result"], want) for c, want in zip(calls, question.results))
+        if calls and calls[-1]["ok"]:
+            out["uses_result"] = last is not None and same_number(last, calls[-1]["result"])
+    else:
+        out["no_tool"] = not calls
+    return out
+
+
+SCORES = ("answer", "tool_call", "well_formed", "no_tool", "uses_result")
 
 
 @torch.inference_mode()
-def evaluate(model, tokenizer, n: int = 100, seed: int = 0, progress=None) -> dict:
-    """Play ``n`` held-out conversations; return the three scores and the failures (for reading)."""
-    graded = {"arithmetic": [], "well_formed": [], "tool_call": [], "uses_result": []}
+def score(model, tokenizer, questions: list[Question], kinds: list[str] | None = None, progress=None) -> dict:
+    """Grade every question: {"scores", "counts", "by_kind" (answer or no_tool rate), "failures"}."""
+    graded: dict[str, list[bool]] = {k: [] for k in SCORES}
     by_kind: dict[str, list[bool]] = {}
     failures = []
+    for i, question in enumerate(questions):
+        result = grade(model, tokenizer, question)
+        for key in SCORES:
+            if result[key] is not None:
+                graded[key].append(result[key])
+        ok = all(result[k] is not False for k in SCORES)
+        kind = kinds[i] if kinds else "all"
+        by_kind.setdefault(kind, []).append(ok)
+        if not ok:
+            failures.append({"kind": kind, "question": question, "problems": result["problems"],
+                             "conversation": result["conversation"]})
+        if progress:
+            progress(i, kind, ok)
+    return {"scores": {k: (sum(v) / len(v) if v else float("nan")) for k, v in graded.items()},
+            "counts": {k: len(v) for k, v in graded.items()},
+            "by_kind": {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}, "failures": failures}
+
+
+def heldout_questions(n: int, seed: int = 0) -> tuple[list[Question], list[str]]:
+    """The first ``n`` held-out conversations of nano_data as questions, and their kinds."""
+    questions, kinds = [], []
     for i in range(n):
         ex = nano_data.example(i, "heldout", seed)
-        users = [m["content"] for m in ex.messages if m["role"] == "user"]
-        history, calls = play(model, tokenizer, users)
-        final = history[-1]["content"] if history[-1]["role"] == "assistant" else ""
-        ok_answer = ex.grade["answer"] is None or _contains_number(final, ex.grade["answer"])
-        if ex.grade["answer"] is not None:
-            graded["arithmetic"].append(ok_answer)
-        if ex.grade["tool"]:
-            want = _expected_results(ex.messages)
-            graded["well_formed"].append(bool(calls) and all(c["ok"] for c in calls))
-            ok_calls = len(calls) == len(want) and all(c["ok"] and c["result"] == w for c, w in zip(calls, want))
-            graded["tool_call"].append(ok_calls)
-            if calls and calls[-1]["ok"]:
-                graded["uses_result"].append(_contains_number(final, int(float(calls[-1]["result"]))))
-        if not ok_answer or (ex.grade["tool"] and not graded["tool_call"][-1]):
-            failures.append({"kind": ex.kind, "expected": ex.grade["answer"], "conversation": history})
-        by_kind.setdefault(ex.kind, []).append(ok_answer)
-        if progress:
-            progress(i, ex.kind, ok_answer)
-    scores = {k: (sum(v) / len(v) if v else float("nan")) for k, v in graded.items()}
-    kinds = {k: sum(v) / len(v) for k, v in sorted(by_kind.items())}
-    return {"scores": scores, "counts": {k: len(v) for k, v in graded.items()}, "by_kind": kinds,
-            "failures": failures}
+        turns = tuple(m["content"] for m in ex.messages if m["role"] == "user")
+        results = tuple(m["content"] for m in ex.messages if m["role"] == "tool")
+        questions.append(Question(turns, ex.grade["answer"], results))
+        kinds.append(ex.kind)
+    return questions, kinds
+
+
+def evaluate(model, tokenizer, n: int = 100, seed: int = 0, progress=None) -> dict:
+    """:func:`score` on the first ``n`` held-out conversations (``by_kind``: all scores right, per kind)."""
+    questions, kinds = heldout_questions(n, seed)
+    return score(model, tokenizer, questions, kinds, progress)
 
 
 def dense_twin(path: str | Path, int4_model) -> torch.nn.Module:
@@ -170,8 +235,9 @@ def main(argv: list[str] | None = None) -> int:
         result = evaluate(model, tok, n=args.n)
     except KeyboardInterrupt:
         return fail("nano_eval", "stopped before the evaluation was complete", INTERRUPTED)
-    print(json.dumps({"checkpoint": str(path), "experts": "bf16" if args.dense else "as stored", **result["scores"],
-                      "counts": result["counts"], "answer_rate_by_kind": result["by_kind"]}, indent=2))
+    scores = {k: (None if v != v else v) for k, v in result["scores"].items()}  # NaN (no such question): null
+    print(json.dumps({"checkpoint": str(path), "experts": "bf16" if args.dense else "as stored", **scores,
+                      "counts": result["counts"], "all_right_by_kind": result["by_kind"]}, indent=2))
     return 0
 
 

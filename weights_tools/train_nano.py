@@ -1,6 +1,6 @@
 """Train kimi-nano: a miniature Kimi (same architecture, format and chat template) from scratch on CPU.
 
-    python -m weights_tools.train_nano OUT [--steps 2400] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
+    python -m weights_tools.train_nano OUT [--steps 1700] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
                                            [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy] [--force]
 
 The model is the real K2.5 config shrunk in size only (MLA with YaRN RoPE, sigmoid ``noaux_tc`` router
@@ -15,13 +15,15 @@ conversations of :mod:`weights_tools.nano_data` (loss on assistant tokens only),
 Training runs in fp32 with dense experts; the result is written in the real checkpoint layout
 (:func:`weights_tools.make_tiny.write_checkpoint`): routed experts quantized to INT4 (compressed-tensors
 pack-quantized), everything else bf16, the demo tokenizer, plus ``train_log.json`` (loss and per-head
-max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization) and
-``tools.json`` (the tools it was trained with), all renamed into place at once when training is done
-(``OUT`` is checked before training starts: it must be new or empty, or ``--force`` replaces the
-checkpoint there as a whole; :mod:`weights_tools.safe_write`). The same seed gives the same weights: data,
-initialisation and the update order are all seeded. Floating-point sums depend on the thread count, so
+max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization),
+``tools.json`` (the tools it was trained with) and ``generation_config.json`` (greedy decoding: kimi-nano
+is graded greedy, and at K2.7-Code's temperature 1.0 a model this small samples a wrong digit now and
+then), all renamed into place at once when training is done (``OUT`` is checked before training starts:
+it must be new or empty, or ``--force`` replaces the checkpoint there as a whole;
+:mod:`weights_tools.safe_write`). The same seed gives the same weights: data, initialisation and the
+update order are all seeded. Floating-point sums depend on the thread count, so
 a run reproduces bit for bit with the same ``--threads``; the default, 1, is how the shipped kimi-nano
-was made (about 30 minutes on one core of a laptop).
+was made (kimi_ref/data/nano/README.md has its CPU time: under the 60 minutes of one core it is sized for).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ __all__ = ["nano_config", "build_model", "train", "checkpoint_tensors", "main", 
 
 BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed γ
 DENSE_EXPERTS_FILE = "dense_experts.safetensors"
+GENERATION_CONFIG = {"do_sample": False}  # read by kimi_ref.checkpoint_chat: the chat decodes greedily
 
 
 def nano_config(*, toy: bool = False) -> KimiConfig:
@@ -154,8 +157,8 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "steps": steps, "batch": batch_size, "seed": seed},
-           "step": [], "loss": [], "max_logit": [], "seconds": []}
-    start = time.perf_counter()
+           "step": [], "loss": [], "max_logit": [], "seconds": [], "cpu_seconds": []}
+    start, cpu_start = time.perf_counter(), time.process_time()
     for step, batch in enumerate(nano_data.batches(tok, batch_size, steps, seed=seed)):
         ids, mask = _pad(batch, config.pad_token_id)
         loss = loss_fn(model, ids, mask)
@@ -169,8 +172,10 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
             log["loss"].append(round(loss.item(), 5))
             log["max_logit"].append([[round(v, 3) for v in heads] for heads in _max_logits(model)])
             log["seconds"].append(round(time.perf_counter() - start, 1))
+            log["cpu_seconds"].append(round(time.process_time() - cpu_start, 1))  # this process's CPU time
             progress(f"step {step:5d}  loss {loss.item():.4f}  max logit "
-                     f"{max(max(h) for h in log['max_logit'][-1]):7.2f}  {log['seconds'][-1]:7.1f} s")
+                     f"{max(max(h) for h in log['max_logit'][-1]):7.2f}  {log['seconds'][-1]:7.1f} s "
+                     f"({log['cpu_seconds'][-1]:.1f} s CPU)")
         if after_step is not None:  # after the log: a forward here overwrites the tracked max logits
             after_step(step, model)
     return model, log
@@ -194,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.train_nano", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output checkpoint directory (created; must be empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace the checkpoint in OUT as a whole")
-    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--steps", type=int, default=1700)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     # 3e-3: at 1e-2 the logits of every layer sat at τ (QK-Clip working all the time) and the loss fell later
@@ -232,6 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         save_file(dense, str(directory / DENSE_EXPERTS_FILE), metadata={"format": "pt"})
         # The tools it was trained with: `python -m kimi_ref.chat` declares them when no --tools is given.
         (directory / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
+        (directory / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
     try:
         out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=args.force, extra=extra,

@@ -1,0 +1,79 @@
+"""kimi-nano's held-out accuracy as it trains: grade the fp32 model saved every few hundred steps.
+
+    python benchmarks/bench_nano_curve.py SNAPSHOTS [--steps 1700] [--every 170] [--n 40] [--out FILE.json]
+                                          [--reference CKPT]   # e.g. the kimi-nano trained on the old data
+
+If ``SNAPSHOTS`` holds no ``step_N.pt`` yet, trains with :func:`weights_tools.train_nano.train` (the
+script's defaults, one thread) and saves the fp32 state every ``--every`` steps there (``after_step``:
+``torch.save`` only, so the run and its weights are those of ``python -m weights_tools.train_nano``).
+Then grades each snapshot greedily with the real tool loop (:func:`weights_tools.nano_eval.evaluate`) on
+the first ``--n`` held-out conversations, in fp32 with the experts before INT4, and writes
+``{"steps": [...], "scores": {score: [...]}, "n": N}`` as JSON (chapter 13 plots it). ``--reference``
+grades a finished checkpoint (as stored: INT4 experts) on the same questions, kept as ``"old_model"``
+with the step count of its ``train_log.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+import torch
+
+from kimi_ref.model import KimiForCausalLM
+from kimi_ref.tokenizer import Tokenizer
+from weights_tools import nano_eval, train_nano
+
+
+def snapshots(directory: Path) -> list[tuple[int, Path]]:
+    found = [(int(m.group(1)), p) for p in directory.glob("step_*.pt") if (m := re.fullmatch(r"step_(\d+)\.pt", p.name))]
+    return sorted(found)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("snapshots", type=Path)
+    parser.add_argument("--steps", type=int, default=1700)
+    parser.add_argument("--every", type=int, default=170)
+    parser.add_argument("--n", type=int, default=40)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--reference", type=Path, help="a finished checkpoint to grade on the same questions")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    config = train_nano.nano_config()
+    if not snapshots(args.snapshots):
+        args.snapshots.mkdir(parents=True, exist_ok=True)
+
+        def save(step: int, model) -> None:
+            if (step + 1) % args.every == 0:
+                torch.save(model.state_dict(), args.snapshots / f"step_{step + 1}.pt")
+
+        train_nano.train(config, steps=args.steps, batch_size=16, after_step=save)
+    tokenizer = Tokenizer.demo()
+    model = KimiForCausalLM(config.replace(quantization=None), dtype=torch.float32).eval()
+    result: dict = {"n": args.n, "steps": [], "scores": {}}
+    if args.reference:
+        import kimi_ref
+
+        reference = kimi_ref.load_model(args.reference, dtype=torch.bfloat16, progress=False)
+        steps = json.loads((args.reference / "train_log.json").read_text())["config"]["steps"]
+        scores = nano_eval.evaluate(reference, Tokenizer.from_pretrained(args.reference), n=args.n)["scores"]
+        result["old_model"] = {"steps": steps, "scores": {k: round(v, 4) for k, v in scores.items()}}
+        print(f"reference {args.reference} ({steps} steps): {result['old_model']['scores']}", flush=True)
+    for step, path in snapshots(args.snapshots):
+        model.load_state_dict(torch.load(path, weights_only=True))
+        scores = nano_eval.evaluate(model, tokenizer, n=args.n)["scores"]
+        result["steps"].append(step)
+        for key, value in scores.items():
+            result["scores"].setdefault(key, []).append(round(value, 4))
+        print(f"step {step:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
+        if args.out:  # after every snapshot: a long grading stopped halfway still leaves its points
+            args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
