@@ -1,6 +1,7 @@
 """One-shot chat end to end: ``python -m kimi_ref.chat --prompt ...`` from process start to exit, on CPU.
 
     python benchmarks/bench_chat_start.py [--rounds 7] [--threads 1 2] [--prompt "What is 17*23?"] [--out FILE.md]
+    # each run: python -m kimi_ref.chat --prompt PROMPT --temperature 0 --threads T
 
 Each round runs every ``--threads`` setting once, interleaved (1, 2, 1, 2, ...), so a busy spell on a
 shared machine lands on all settings alike; the table reports medians (and the range) of:
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"import torch": [sys.executable, "-c", "import torch"]}
     for t in args.threads:
         settings[f"chat, --threads {t}"] = [sys.executable, "-m", "kimi_ref.chat", "--prompt", args.prompt,
-                                            "--threads", str(t)]
+                                            "--temperature", "0", "--threads", str(t)]
     results: dict[str, list[dict]] = {name: [] for name in settings}
     for r in range(args.rounds):
         for name, cmd in settings.items():
@@ -66,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"round {r + 1}/{args.rounds} done", file=sys.stderr)
     load = os.getloadavg()
     lines = [f"Command: `python benchmarks/bench_chat_start.py --rounds {args.rounds}` ({env_note}); prompt "
-             f"{args.prompt!r}, kimi-nano, greedy (its generation_config.json). Machine: {os.cpu_count()}-core "
+             f"{args.prompt!r}, kimi-nano, greedy (--temperature 0). Machine: {os.cpu_count()}-core "
              f"{platform.machine()}, load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1 / 5 / 15 min) "
              f"at the end. Medians of {args.rounds} interleaved runs, (min–max).", "",
              "| run | CPU s | first token s | total s |", "|---|---|---|---|"]

@@ -159,7 +159,7 @@ def test_train_nano_toy_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr
     log = json.loads((out / "train_log.json").read_text())
     assert log["step"] == [0, 2] and all(l > 0 for l in log["loss"])
-    assert len(log["cpu_seconds"]) == 2 and json.loads((out / "generation_config.json").read_text()) == {"do_sample": False}
+    assert len(log["cpu_seconds"]) == 2
     verify = subprocess.run([sys.executable, "-m", "weights_tools.verify", str(out)], capture_output=True, text=True)
     assert verify.returncode == 0, verify.stdout + verify.stderr
 

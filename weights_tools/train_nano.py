@@ -15,12 +15,10 @@ conversations of :mod:`weights_tools.nano_data` (loss on assistant tokens only),
 Training runs in fp32 with dense experts; the result is written in the real checkpoint layout
 (:func:`weights_tools.make_tiny.write_checkpoint`): routed experts quantized to INT4 (compressed-tensors
 pack-quantized), everything else bf16, the demo tokenizer, plus ``train_log.json`` (loss and per-head
-max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization),
-``tools.json`` (the tools it was trained with) and ``generation_config.json`` (greedy decoding: kimi-nano
-is graded greedy, and at K2.7-Code's temperature 1.0 a model this small samples a wrong digit now and
-then), all renamed into place at once when training is done (``OUT`` is checked before training starts:
-it must be new or empty, or ``--force`` replaces the checkpoint there as a whole;
-:mod:`weights_tools.safe_write`). The same seed gives the same weights: data, initialisation and the
+max logits per step), ``dense_experts.safetensors`` (the bf16 experts before quantization)
+and ``tools.json`` (the tools it was trained with), all renamed into place at once when training is done
+(``OUT`` is checked before training starts: it must be new or empty, or ``--force`` replaces the
+checkpoint there as a whole; :mod:`weights_tools.safe_write`). The same seed gives the same weights: data, initialisation and the
 update order are all seeded. Floating-point sums depend on the thread count, so
 a run reproduces bit for bit with the same ``--threads``; the default, 1, is how the shipped kimi-nano
 was made (kimi_ref/data/nano/README.md has its CPU time: under the 60 minutes of one core it is sized for).
@@ -50,7 +48,6 @@ __all__ = ["nano_config", "build_model", "train", "checkpoint_tensors", "main", 
 
 BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed γ
 DENSE_EXPERTS_FILE = "dense_experts.safetensors"
-GENERATION_CONFIG = {"do_sample": False}  # read by kimi_ref.checkpoint_chat: the chat decodes greedily
 
 
 def nano_config(*, toy: bool = False) -> KimiConfig:
@@ -237,7 +234,6 @@ def main(argv: list[str] | None = None) -> int:
         save_file(dense, str(directory / DENSE_EXPERTS_FILE), metadata={"format": "pt"})
         # The tools it was trained with: `python -m kimi_ref.chat` declares them when no --tools is given.
         (directory / "tools.json").write_text(json.dumps(nano_data.TOOLS, indent=2) + "\n")
-        (directory / "generation_config.json").write_text(json.dumps(GENERATION_CONFIG, indent=2) + "\n")
 
     try:
         out = write_checkpoint(args.out, config, checkpoint_tensors(model, config), force=args.force, extra=extra,
