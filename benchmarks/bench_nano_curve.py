@@ -1,7 +1,8 @@
 """kimi-nano's held-out accuracy as it trains: grade the fp32 model saved every few hundred steps.
 
-    python benchmarks/bench_nano_curve.py SNAPSHOTS [--steps 1700] [--every 170] [--n 40] [--out FILE.json]
+    python benchmarks/bench_nano_curve.py SNAPSHOTS [--steps 2400] [--every 240] [--n 40] [--out FILE.json]
                                           [--reference CKPT]   # e.g. the kimi-nano trained on the old data
+    python benchmarks/bench_nano_curve.py --finished CKPT [CKPT ...] [--n 40] [--out FILE.json]
 
 If ``SNAPSHOTS`` holds no ``step_N.pt`` yet, trains with :func:`weights_tools.train_nano.train` (the
 script's defaults, one thread) and saves the fp32 state every ``--every`` steps there (``after_step``:
@@ -10,7 +11,12 @@ Then grades each snapshot greedily with the real tool loop (:func:`weights_tools
 the first ``--n`` held-out conversations, in fp32 with the experts before INT4, and writes
 ``{"steps": [...], "scores": {score: [...]}, "n": N}`` as JSON (chapter 13 plots it). ``--reference``
 grades a finished checkpoint (as stored: INT4 experts) on the same questions, kept as ``"old_model"``
-with the step count of its ``train_log.json``.
+with the step count of its ``train_log.json``. (results/nano_curve.json was made with ``--steps 1700
+--every 170`` on the data of the second kimi-nano, before the training-only variety of nano_data.)
+
+``--finished`` grades whole runs instead of one run's snapshots: each checkpoint as stored (INT4 experts),
+with the step count of its ``train_log.json``, written as ``{"n": N, "finished": [{"checkpoint", "steps",
+"scores"}]}``: runs of different lengths, each with its own learning-rate schedule run to the end.
 """
 
 from __future__ import annotations
@@ -35,14 +41,19 @@ def snapshots(directory: Path) -> list[tuple[int, Path]]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("snapshots", type=Path)
-    parser.add_argument("--steps", type=int, default=1700)
-    parser.add_argument("--every", type=int, default=170)
+    parser.add_argument("snapshots", type=Path, nargs="?")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--every", type=int, default=240)
     parser.add_argument("--n", type=int, default=40)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--reference", type=Path, help="a finished checkpoint to grade on the same questions")
+    parser.add_argument("--finished", type=Path, nargs="+", help="finished checkpoints to grade, one point each")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    if args.finished:
+        return grade_finished(args.finished, args.n, args.out)
+    if args.snapshots is None:
+        parser.error("give SNAPSHOTS (a folder for the run's snapshots) or --finished CKPT ...")
     config = train_nano.nano_config()
     if not snapshots(args.snapshots):
         args.snapshots.mkdir(parents=True, exist_ok=True)
@@ -72,6 +83,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"step {step:5d}  " + "  ".join(f"{k} {v:.2f}" for k, v in scores.items()), flush=True)
         if args.out:  # after every snapshot: a long grading stopped halfway still leaves its points
             args.out.write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+def grade_finished(checkpoints: list[Path], n: int, out: Path | None) -> int:
+    import kimi_ref
+
+    result: dict = {"n": n, "finished": []}
+    for path in checkpoints:
+        model = kimi_ref.load_model(path, dtype=torch.bfloat16, progress=False)
+        steps = json.loads((path / "train_log.json").read_text())["config"]["steps"]
+        scores = nano_eval.evaluate(model, Tokenizer.from_pretrained(path), n=n)["scores"]
+        result["finished"].append({"checkpoint": path.name, "steps": steps,
+                                   "scores": {k: round(v, 4) for k, v in scores.items()}})
+        print(f"{path} ({steps} steps): {result['finished'][-1]['scores']}", flush=True)
+        if out:
+            out.write_text(json.dumps(result, indent=1) + "\n")
     return 0
 
 

@@ -53,10 +53,10 @@ print(trained[-400:])
 # %% [markdown]
 # ## The data: any phrasing, numbers up to six digits
 #
-# The mix (`nano_data.KINDS`): arithmetic 55% — operands of 1 to 6 digits, `+ - * /`, remainders,
+# The mix (`nano_data.KINDS`): arithmetic 45% — operands of 1 to 6 digits, `+ - * /`, remainders,
 # powers, square roots, percentages, negative numbers, decimals, parenthesised expressions —, unit
-# conversions 13% (the factor recalled in the reasoning: "1 mile is 5280 feet, so I multiply 3 by
-# 5280"), follow-ups 17% ("now add 9 to that": the call builds on the last result) and chit-chat 15%
+# conversions 17% (the factor recalled in the reasoning: "1 mile is 5280 feet, so I multiply 3 by
+# 5280"), follow-ups 26% ("now add 9 to that": the call builds on the last result) and chit-chat 12%
 # (a short answer, never a tool). Every number goes through the calculator, even `2+3`: the first
 # kimi-nano spent 40% of its data memorizing the single-digit table and still missed some of it; a
 # calculator call costs a few tokens and is always right.
@@ -66,12 +66,25 @@ print(trained[-400:])
 # come in two families, and the held-out set is phrased **only** from the second, so its score measures
 # phrasings the model never saw. The operator words are shared: a model trained from scratch knows no
 # English beyond its data, so "take away" means minus only if some training question said so.
+#
+# What made held-out phrasings work is the other side of that remark: to this model an unknown word is
+# noise, and a held-out question is mostly unknown words around numbers and an operator. So training
+# questions come wrapped in words that carry nothing — openers ("Real quick,", "Homework:"), closers
+# (", thanks"), asides ("My calculator is broken.") —, unit questions come in longer sentences ("We
+# walked 12 miles. In feet, please."), and follow-ups are built from parts: a pronoun for the last
+# result ("that", "it", "the total"), an operator phrase ("divide {p} by {c}", "{p} minus {c}") and a
+# start or a frame. The model learns to read the numbers, the operator word and the units wherever they
+# sit, and to ignore the rest. Parts can combine into a held-out phrasing by chance, so a training
+# conversation whose question has the *template* of a held-out one (numbers, case and punctuation taken
+# out: `nano_data.template`) is drawn again. The held-out set itself never changes: a test pins its
+# first 300 conversations by hash.
 
 # %%
 for split in nano_data.SPLITS:
     print(f"{split}: {len(nano_data.FRAMES[split]['noun'])} noun frames, {len(nano_data.FRAMES[split]['verb'])} verb frames")
-    for i in range(4):
+    for i in range(6):
         print("   ", [m["content"] for m in nano_data.example(i, split).messages if m["role"] == "user"])
+print(nano_data.template("Divide it by 3, please."), "|", len(nano_data.heldout_templates()), "held-out templates")
 
 # %% [markdown]
 # ## Muon vs AdamW
@@ -182,41 +195,63 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # answers. Graded the same way (greedy, the real tool loop) on the new held-out set and on the 52
 # questions written by hand in [tests/nano_questions.py](../tests/nano_questions.py):
 #
-# | kimi-nano | data | steps × batch | training time | held-out: answer · call · well formed | hand-written: answer · call · well formed |
+# | kimi-nano | data | steps × batch | CPU time | held-out: answer · call · well formed | hand-written: answer · call · well formed |
 # |---|---|---|---:|---|---|
 # | the first | one family of templates, numbers up to 3 digits, 40% single-digit table | 2400 × 16 | 39 min wall | 3.6 · 3.6 · 68% | 34.9 · 23.3 · 73% |
-# | shipped now | the data above | 1700 × 16 | 24 min CPU, 40 wall | 81.9 · 84.3 · 100% | 93.0 · 97.7 · 100% |
-# | tried | the same, with a quarter of the numbers round (1000, 2500, 999999) | 2000 × 16 | 27 min CPU, 32 wall | 73.5 · 74.7 · 100%\* | 95.3 · 97.7 · 100% |
+# | the second | two families, 1–6 digits, every operation, no table | 1700 × 16 | 24 min | 81.9 · 84.3 · 100% | 93.0 · 97.7 · 100%\* |
+# | tried | the second, a quarter of the numbers round (1000, 2500, 999999) | 2000 × 16 | 27 min | 73.5 · 74.7 · 100%\*\* | 95.3 · 97.7 · 100%\* |
+# | **shipped** | the second + words that mean nothing, composed follow-ups, longer unit sentences | 2400 × 16 | 30 min | **97.6 · 97.6 · 100%** | **93.0 · 95.3 · 100%** |
+# | tried | the same | 3000 × 16 | 42 min | 95.2 · 96.4 · 99% | 95.3 · 95.3 · 100% |
+# | tried | the same | 3600 × 16 | 47 min | 95.2 · 94.0 · 97% | 97.7 · 100 · 100% |
+# | tried | + small-to-big units 45%, separators 20%, round results 5% | 2400 × 16 | 32 min | 95.2 · 96.4 · 97% | 93.0 · 93.0 · 100% |
+# | tried | the same | 3000 × 16 | 41 min | 92.8 · 92.8 · 99% | 95.3 · 97.7 · 100% |
 #
-# (INT4 as shipped; 100 held-out conversations, 52 hand-written questions. \*On its own held-out set,
-# which has the round numbers too; the shipped model scores 77.1 · 79.5 · 99% on that set. Round numbers
-# fixed one hand-written question and cost held-out follow-ups, so the run without them ships.) The sizes were set by the
-# clock more than by the model: on a 2-core machine shared with other jobs a step of 16 conversations
-# costs 0.85 s of CPU but took 1–3 s of wall time, so runs of 3400 and 2600 steps were stopped for
-# time and 1700 steps shipped, well inside the 60 CPU minutes `train_nano` is allowed. What it still
-# misses is instructive: held-out *follow-ups* (48% right: "Divide it by 3, please." became
-# `304025-3`; a phrase it never saw attached to a result is read as the operator it has seen most)
-# and long runs of one digit, where copying loses count (`999999+1 = 100000.`): attention finds
-# *which* digit to copy by content, and ten 9s in a row all look alike.
+# (INT4 as shipped; 100 held-out conversations, 52 hand-written questions. \*On the list before three
+# unit questions got numbers the newest training data never asks. \*\*On its own held-out set, which
+# had the round numbers too.)
 #
-# The plot: held-out accuracy of the new run's snapshots (fp32, experts before INT4; every 170 steps,
-# `python benchmarks/bench_nano_curve.py`), and the first kimi-nano, trained on the old data, graded on
-# the same questions (its own training curve on the old data was not measured again: only the finished
-# model, the crosses).
+# The second kimi-nano had the phrasing families and the numbers, and still failed held-out
+# *follow-ups* (48% right: "Divide it by 3, please." became `304025-3`): a phrase it never saw attached
+# to a result was read as the operator it had seen most. More steps made that worse. What fixed it was
+# data that teaches the model what to ignore — the words that mean nothing, the composed follow-ups
+# (the section on the data above) — and held-out follow-ups went to 100%.
+#
+# Two lessons from the rows below the shipped one. Longer runs learn the hand-written questions better
+# and the held-out phrasings worse, and now and then break the format (3600 steps typed a `</think>`
+# into its answer to "Good night"): with one data set, the number of steps trades memory of the
+# training phrasings against reading new ones. And aiming data at three hand-written misses
+# (more small-to-big units, more thousands separators, round results like 999999+1) fixed none of them
+# and cost held-out points: a few questions move between runs either way — with 83 graded answers one
+# question is 1.2 points. The shipped run keeps every output well formed and gets the held-out set
+# right; it is one question short of 95% on the hand-written answers (40 of 43). Its misses are
+# instructive: a run of one digit copied (`999999+1 = 10000000.`: attention finds *which* digit to copy
+# by content, and six 0s in a row all look alike), a thousands separator read as a digit
+# (`1,500 + 2,500` sent as `1500+25500`), and small-to-big units multiplied instead of divided.
+#
+# The plot: held-out accuracy of the second kimi-nano's snapshots (fp32, experts before INT4; every 170
+# steps of one 1700-step run, 40 conversations), the first kimi-nano graded on the same questions, and
+# the finished runs on the newest data (as stored, INT4; 100 conversations; each run has its own
+# learning-rate schedule, so these are endpoints, not one curve; `nano_runs.json` names them `v2_STEPS`,
+# and `v3_STEPS` for the aimed data). `python benchmarks/bench_nano_curve.py` makes both files.
 
 # %%
 from pathlib import Path
 
-curve = json.loads((Path(kimi_ref.__file__).resolve().parents[1] / "benchmarks/results/nano_curve.json").read_text())
+results = Path(kimi_ref.__file__).resolve().parents[1] / "benchmarks/results"
+curve = json.loads((results / "nano_curve.json").read_text())
+runs = json.loads((results / "nano_runs.json").read_text())
 fig, ax = plt.subplots(figsize=(7, 3.5))
-for key, label in (("answer", "right final answer"), ("tool_call", "right calculator calls"),
-                   ("well_formed", "well-formed output")):
-    ax.plot(curve["steps"], curve["scores"][key], marker="o", label=f"new data: {label}")
+for key, label, color in (("answer", "right final answer", "C0"), ("tool_call", "right calculator calls", "C1"),
+                          ("well_formed", "well-formed output", "C2")):
+    ax.plot(curve["steps"], curve["scores"][key], marker="o", color=color, alpha=0.5,
+            label=f"second data, one run: {label}")
+    newest = sorted((r["steps"], r["scores"][key]) for r in runs["finished"] if r["checkpoint"].startswith("v2"))
+    ax.plot(*zip(*newest), marker="s", color=color, label=f"newest data, finished runs: {label}")
 old = curve["old_model"]
 ax.scatter([old["steps"]] * 2, [old["scores"]["answer"], old["scores"]["tool_call"]], color="grey", marker="x",
-           label=f"old data, {old['steps']} steps: answer / calls")
-ax.set(xlabel="training step", ylabel=f"held-out score ({curve['n']} conversations)", ylim=(0, 1.02))
-ax.legend(fontsize=8)
+           label=f"first data, {old['steps']} steps: answer / calls")
+ax.set(xlabel="training step", ylabel="held-out score", ylim=(0, 1.02))
+ax.legend(fontsize=7)
 plt.tight_layout()
 plt.show()
 
@@ -227,8 +262,8 @@ plt.show()
 # generate greedily to `<|im_end|>`, parse the kimi_k2 tool call, run the calculator, feed the
 # result back, generate again.
 #
-# On the 100 held-out conversations the shipped kimi-nano gets 82% of the answers right and sends the
-# right calculator calls 84% of the time; on the 52 hand-written questions 93% and 98%; every output
+# On the 100 held-out conversations the shipped kimi-nano gets 98% of the answers right and sends the
+# right calculator calls 98% of the time; on the 52 hand-written questions 93% and 95%; every output
 # is well formed on both
 # ([kimi_ref/data/nano/README.md](../kimi_ref/data/nano/README.md) has the table).
 

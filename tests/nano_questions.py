@@ -12,7 +12,8 @@ from weights_tools.nano_eval import Question
 from weights_tools.nano_data import calculator
 
 HANDWRITTEN: list[tuple[tuple[str, ...], tuple[str, ...], str | None]] = [
-    # the questions issue 17 found broken
+    # the questions issue 17 found broken, word for word (ISSUE_QUOTED: kept even where the generator can
+    # produce the same string, as it can a unit question with a one-digit number)
     (("Compute 1234 + 5678.",), ("1234+5678",), "6912"),
     (("What is 1000 - 1?",), ("1000-1",), "999"),
     (("What is 3 to the power of 5?",), ("3**5",), "243"),
@@ -50,10 +51,10 @@ HANDWRITTEN: list[tuple[tuple[str, ...], tuple[str, ...], str | None]] = [
     (("Divide 1000 by 3.",), ("1000/3",), "333.3333333333333"),
     # unit conversions
     (("How many seconds are in 2 hours?",), ("2*3600",), "7200"),
-    (("Convert 5 kilometers to meters.",), ("5*1000",), "5000"),
+    (("Convert 25 kilometers to meters.",), ("25*1000",), "25000"),
     (("How many grams is 2 kilograms?",), ("2*1000",), "2000"),
-    (("How many days are in 3 weeks?",), ("3*7",), "21"),
-    (("How many inches are in 4 feet?",), ("4*12",), "48"),
+    (("How many days are in 13 weeks?",), ("13*7",), "91"),
+    (("How many inches are in 14 feet?",), ("14*12",), "168"),
     (("Convert 500 centimeters to meters.",), ("500/100",), "5"),
     (("How many minutes in 3 hours?",), ("3*60",), "180"),
     # follow-ups
@@ -70,6 +71,9 @@ HANDWRITTEN: list[tuple[tuple[str, ...], tuple[str, ...], str | None]] = [
     (("bye",), (), None),
     (("What is the capital of France?",), (), None),
 ]
+
+
+ISSUE_QUOTED = 6  # the first six entries
 
 
 def questions() -> list[Question]:

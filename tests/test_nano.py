@@ -76,6 +76,43 @@ def test_heldout_questions_never_in_training():
     assert len(held) > 400 and not set(held) & train
 
 
+# The held-out set is the test: retuning the training data must never move it. These are the first 300
+# held-out conversations as the issue-17 run measured them (change this only with a note saying why).
+HELDOUT_SHA256 = "e84dcef6e7466d3aeebf7e8d13e14702f2f29e6837276b1aceeddefe7a90b45d"
+
+
+def test_heldout_set_is_pinned():
+    import hashlib
+
+    digest = hashlib.sha256()
+    for i in range(300):
+        ex = nano_data.example(i, "heldout", 0)
+        digest.update(json.dumps([ex.messages, ex.kind, ex.grade], sort_keys=True).encode())
+    assert digest.hexdigest() == HELDOUT_SHA256
+
+
+def test_template_takes_out_numbers_case_and_punctuation():
+    assert nano_data.template("Find 1,234 + 5?") == "find N + N"
+    assert nano_data.template("what is -2.5 TIMES 7") == "what is -N times N"
+    assert nano_data.template("Divide it by 3, please.") == nano_data.template("divide it by 17 please")
+    assert nano_data.template("Divide it by 3") != nano_data.template("Divide that by 3")
+
+
+def test_training_never_asks_a_heldout_template():
+    """Every held-out question's template is known, and no training question has one (the training words
+    around a question -- openers, closers, asides, pronouns -- can combine into a held-out phrasing; such a
+    draw is made again)."""
+    known = nano_data.heldout_templates()
+    held = {nano_data.template(m["content"]) for i in range(3000)
+            for m in nano_data.example(i, "heldout").messages if m["role"] == "user"}
+    assert held <= known, sorted(held - known)[:5]
+    train = {nano_data.template(m["content"]) for i in range(5000)
+             for m in nano_data.example(i).messages if m["role"] == "user"}
+    assert len(train) > 3000 and not train & known, sorted(train & known)[:5]
+    # and the check bites: a held-out phrasing dressed as training would be caught
+    assert nano_data.template("okay, now multiply it by 12") in known
+
+
 def test_data_covers_the_scope():
     """Operands of 1 to 6 digits, every operation, negative numbers and decimals; chat never calls a tool."""
     import re
@@ -205,13 +242,14 @@ def test_training_is_deterministic():
 # (phrased from a family of templates never trained on) and the hand-written questions of
 # tests/nano_questions.py. Every output well formed, and INT4 within 2 points of the bf16 experts, as issue 17
 # asks. The other bars are what the shipped model reaches (kimi_ref/data/nano/README.md), rounded down:
-# issue 17 asked for 0.95 right answers and calls on both sets, and this kimi-nano falls short of that on
-# held-out follow-ups and unit conversions (the README names the misses).
+# issue 17 asked for 0.95 right answers and calls on both sets; this kimi-nano reaches that on the held-out
+# set (97.6% / 97.6%) and on the hand-written calls, and falls one question short on hand-written answers
+# (40 of 43: the README names the three misses).
 
 HELDOUT = 100  # the set kimi_ref/data/nano/README.md reports on
 ISSUE_17_TARGET = 0.95
-BARS = {"heldout": {"answer": 0.81, "tool_call": 0.84, "no_tool": 0.94},
-        "handwritten": {"answer": 0.93, "tool_call": 0.97, "no_tool": 1.0}}
+BARS = {"heldout": {"answer": 0.97, "tool_call": 0.97, "no_tool": 1.0},
+        "handwritten": {"answer": 0.93, "tool_call": 0.95, "no_tool": 1.0}}
 
 
 @pytest.fixture(scope="module")
@@ -238,17 +276,21 @@ def nano_scores(nano):
                                ("handwritten", lambda m, t: nano_eval.score(m, t, questions(), kinds())))}
 
 
-def test_handwritten_questions_are_right():
-    from nano_questions import HANDWRITTEN, questions
+def test_handwritten_questions_are_right(nano):
+    from nano_questions import HANDWRITTEN, ISSUE_QUOTED, questions
 
     from weights_tools.nano_eval import same_number
 
     assert len(HANDWRITTEN) >= 40
-    generated = {m["content"] for split, n in (("train", 4000), ("heldout", 2000)) for i in range(n)
+    config = json.loads((nano / "train_log.json").read_text())["config"]  # every conversation it trained on
+    seen = config["steps"] * config["batch"]
+    assert config["seed"] == 0 and seen > 10_000
+    generated = {m["content"] for split, n in (("train", seen), ("heldout", 2000)) for i in range(n)
                  for m in nano_data.example(i, split).messages if m["role"] == "user"}
-    for question in questions():
+    for question in questions()[ISSUE_QUOTED:]:
         if question.results:  # an arithmetic question the model has been trained on would test memory only
             assert question.turns[0] not in generated, question
+    for question in questions():
         if question.answer is not None:
             assert len(question.results) == len(question.turns) and same_number(question.results[-1], question.answer)
         else:
@@ -284,8 +326,8 @@ def test_nano_meets_the_bar(nano_scores, which):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="issue 17's 95% right answers and calls is not reached yet (the held-out "
-                   "follow-ups and unit conversions; kimi_ref/data/nano/README.md): an XPASS means raise BARS")
+@pytest.mark.xfail(strict=True, reason="issue 17's 95% is reached on the held-out set but not on the hand-written "
+                   "answers (40 of 43; kimi_ref/data/nano/README.md): an XPASS means raise BARS")
 def test_nano_meets_issue_17_target(nano_scores):
     for which in ("heldout", "handwritten"):
         scores = nano_scores["int4", which]["scores"]

@@ -29,14 +29,26 @@ measures phrasings the model never saw (the operator words are shared: a model t
 no English outside its data, so "take away" means nothing unless some training question used it).
 Chit-chat lines are split the same way.
 
+**Training-only variety.** A model trained from scratch reads a word it was never shown as noise, and a
+held-out phrasing is mostly such words. So training questions are also dressed in words that carry nothing
+(``OPENERS``, ``CLOSERS``, ``ASIDES``), unit questions come in longer sentences (``UNIT_FRAMES_MORE``), and
+follow-ups are built from parts (a pronoun for the last result, an operator phrase, a start or a frame:
+``FOLLOW_CORES``), so what the model learns is to find the numbers, the operator word and the units wherever
+they sit. A tenth of the arithmetic uses runs of one digit (999999, 7777), the numbers hardest to copy.
+Parts can combine into a held-out phrasing; :func:`conversation` draws such a training conversation again,
+so no training question has the :func:`template` of a held-out one. None of this touches the held-out
+split: tests/test_nano.py pins its first 300 conversations by hash.
+
 Determinism: ``example(i, split, seed)`` is a pure function of its arguments.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import random
+import re
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -45,7 +57,7 @@ from kimi_ref.chat_template import render_ids
 from kimi_ref.tools import calculator  # the very tool the chat CLI runs (AST walk, never eval)
 
 __all__ = ["CALCULATOR_TOOL", "TOOLS", "KINDS", "HELDOUT_KINDS", "FRAMES", "Example", "conversation", "example",
-           "encode", "batches", "calculator", "VARIANT", "SPLITS"]
+           "encode", "batches", "calculator", "VARIANT", "SPLITS", "template", "heldout_templates"]
 
 VARIANT = "k2.7-code"
 SPLITS = ("train", "heldout")
@@ -65,7 +77,8 @@ CALCULATOR_TOOL: dict[str, Any] = {
 }
 TOOLS = [CALCULATOR_TOOL]
 
-KINDS = {"calc": 0.55, "units": 0.13, "followup": 0.17, "chat": 0.15}
+# Follow-ups and units get more than their share of the held-out mix: they are where phrasing varies most.
+KINDS = {"calc": 0.45, "units": 0.17, "followup": 0.26, "chat": 0.12}
 # The held-out set keeps a mix of its own, fixed, so that retuning the training mix never changes the test.
 HELDOUT_KINDS = {"calc": 0.5, "units": 0.15, "followup": 0.2, "chat": 0.15}
 
@@ -162,6 +175,57 @@ CHAT = [
      "This is not arithmetic or a unit conversion.", "I only know arithmetic and unit conversions; try one of those."),
 ]
 
+# ---- training-only variety ------------------------------------------------------------------------------
+# The held-out score is about phrasings never seen, and a model trained from scratch knows no word it was not
+# shown: an unknown word is noise to it. So the training questions come wrapped in words that carry nothing --
+# openers, closers, asides -- and the model learns to read only the numbers, the operator words and the
+# units. None of these words is in a held-out frame, and `_train_text` refuses any training question whose
+# template equals a held-out one (tests/test_nano.py checks both).
+OPENERS = ["Hi,", "Hello,", "Ok,", "OK so", "Alright,", "Right,", "Now", "Next,", "Next one:", "One more:",
+           "Another one:", "Question:", "Hmm,", "Well,", "Excuse me,", "Sorry,", "kimi,", "Dear kimi,", "Math:",
+           "Homework:", "Let me ask you:", "Tell me,", "Listen,", "Real quick,", "Also,", "Good morning!",
+           "I'm curious:", "Simple one:", "Try this:", "Test:", "Hello there.", "Please,", "Yo,", "Hi kimi!"]
+CLOSERS = ["please", "thanks", "thank you", "for me", "quickly", "if you can", "exactly", "again", "pls",
+           "thx", "right now", "if possible", "my friend"]
+ASIDES = ["I am doing my homework.", "My teacher gave me this.", "This is for a recipe.", "I'm checking my bill.",
+          "Just curious.", "No rush.", "I keep getting this wrong.", "It's for work.", "This is for school.",
+          "I am bad at math.", "Thanks in advance.", "My calculator is broken.", "I'm planning a trip.",
+          "Let's see if you can do it.", "Double-check it.", "My friend asked me this."]
+# Units in longer sentences: the number's unit is the one to convert from, wherever the question puts it.
+UNIT_FRAMES_MORE = ["There are {n} {frm}. How many {to}?", "My trip is {n} {frm}. What is that in {to}?",
+                    "{n} {frm}: how many {to}?", "How many {to} make {n} {frm}?", "Turn {n} {frm} into {to}.",
+                    "I need {n} {frm} in {to}.", "Could you convert {n} {frm} to {to}?", "{n} {frm} is how many {to}?",
+                    "Tell me {n} {frm} in {to}.", "How many {to} are there in {n} {frm}?", "{n} {frm} = ? {to}",
+                    "A box holds {n} {frm}. How many {to} are those?", "Convert {n} {frm}.  I want {to}.",
+                    "{n} {frm} -> {to}", "We walked {n} {frm}. In {to}, please.", "Write {n} {frm} in {to}.",
+                    "In {to}, how much is {n} {frm}?", "how many {to} do {n} {frm} make"]
+# Follow-ups built from parts: a pronoun for the last result, an operator phrase, a frame.
+PRONOUNS = ["that", "the result", "the answer", "this", "that number", "the last result", "the previous answer",
+            "it", "the total"]
+FOLLOW_CORES = {  # op: (noun cores, verb cores); {p} is the pronoun, {c} the new operand
+    "+": (["{p} plus {c}", "{p} + {c}", "{p}+{c}", "the sum of {p} and {c}"],
+          ["add {c} to {p}", "add {c}", "plus {c}", "increase {p} by {c}", "put {c} on top of {p}"]),
+    "-": (["{p} minus {c}", "{p} - {c}", "{p}-{c}", "{p} less {c}"],
+          ["subtract {c} from {p}", "subtract {c}", "minus {c}", "take away {c}", "decrease {p} by {c}"]),
+    "*": (["{p} times {c}", "{p} * {c}", "{p} x {c}", "{p} multiplied by {c}"],
+          ["multiply {p} by {c}", "multiply by {c}", "times {c}", "multiply {p} with {c}"]),
+    "/": (["{p} divided by {c}", "{p} / {c}", "{p} over {c}"], ["divide {p} by {c}", "divide by {c}", "split {p} by {c}"]),
+}
+FOLLOW_STARTS = ["", "", "Now ", "And ", "Next, ", "Also ", "Ok, now ", "Alright, ", "Right, now ", "And now ",
+                 "Good. Now ", "Great, "]
+CHAT_MORE = {  # more training lines per category
+    "greeting": ["Hi kimi", "Hello there", "Good day", "Morning!", "Hey you", "Greetings", "hello!!", "Howdy",
+                 "Hi, nice to meet you", "What's up?", "Evening!"],
+    "thanks": ["Thanks a bunch", "Many thanks", "thx", "Great, thank you!", "Nice, thanks.", "That helps, thanks",
+               "Awesome, thanks!"],
+    "who": ["Who built you?", "Are you human?", "What model are you?", "Introduce yourself."],
+    "help": ["What do you do?", "Can you help?", "What are your skills?", "What should I ask you?"],
+    "bye": ["Later!", "That's all, bye.", "See ya", "Bye for now"],
+    "other": ["How tall is Everest?", "Tell me a story.", "Do you like music?", "What should I eat?",
+              "Translate hello into Spanish.", "Who wrote Hamlet?", "Is it going to rain?", "Write me some code.",
+              "What's your favorite color?", "Explain gravity.", "Where is Paris?", "Play a game with me."],
+}
+
 
 @dataclass(frozen=True)
 class Example:
@@ -197,12 +261,65 @@ def _shape(text: str, rng: random.Random) -> str:
     return text
 
 
+def _dress(text: str, rng: random.Random, asides: bool = True) -> str:
+    """Training only: wrap a question in an opener or an aside, and a closer, none of them meaning anything."""
+    r = rng.random()
+    if r < 0.2:
+        text = f"{rng.choice(OPENERS)} {text[0].lower() + text[1:] if text[1:2].islower() else text}"
+    elif r < 0.28 and asides:
+        text = f"{rng.choice(ASIDES)} {text}"
+    r = rng.random()
+    if r < 0.15:
+        end = text[-1] if text[-1] in "?.!" else ""
+        text = f"{text.rstrip('?.!')}, {rng.choice(CLOSERS)}{end}"
+    elif r < 0.22 and asides:
+        text = f"{text} {rng.choice(ASIDES)}"
+    return text
+
+
+_NUMBERS = re.compile(r"\d[\d,]*(?:\.\d+)?")
+
+
+def template(text: str) -> str:
+    """A question with its numbers, case and punctuation taken out: "Find 1,234 + 5?" -> "find N + N"."""
+    text = re.sub(r"[?.!,:;]", " ", _NUMBERS.sub("N", text.lower()))
+    return " ".join(text.split())
+
+
+@functools.lru_cache(maxsize=1)
+def heldout_templates() -> frozenset[str]:
+    """Every question the held-out family can ask, as a :func:`template`: training never asks one of these."""
+    frames = FRAMES["heldout"]
+    nouns = [c for cores in [*CORES.values(), SQUARES, CUBES, ROOTS] for c in cores[0]]
+    verbs = [c for cores in [*CORES.values(), SQUARES, CUBES, ROOTS] for c in cores[1]]
+    expressions = [form.format(1, 2, 3, o0=o0, o1=o1) for form in ("({0}{o0}{1}){o1}{2}", "{0}{o0}({1}{o1}{2})",
+                   "{0}{o0}{1}{o1}{2}") for o0 in "+-*" for o1 in "+-*"]
+    expressions += [e.replace("+", " + ").replace("-", " - ").replace("*", " * ") for e in expressions]
+    signs = ((1, 2), (-1, 2), (1, -2), (-1, -2))  # negative numbers keep their sign in a template
+    texts = [f.format(c.format(a=a, b=b)) for f in frames["noun"] for c in nouns + expressions for a, b in signs]
+    texts += [f.format(c.format(a=a, b=b)) for f in frames["verb"] for c in verbs for a, b in signs]
+    texts += [f.format(n=n, frm=frm, to=to) for f in UNIT_FRAMES["heldout"] for one, big, small, _ in UNITS
+              for n, frm, to in ((1, one, small), (5, big, small), (5, small, big))]
+    texts += [text.format(c=5) for text, _, _ in FOLLOWUPS["heldout"]]
+    texts += [line for _, lines, _, _ in CHAT for line in lines["heldout"]]
+    return frozenset(map(template, texts))
+
+
 def _frame(rng: random.Random, split: str, nouns: list[str], verbs: list[str], **slots) -> str:
     if verbs and rng.random() < 0.25:
         frame, core = rng.choice(FRAMES[split]["verb"]), rng.choice(verbs)
         text = frame.format(core.format(**slots))
-        return _shape(text[0].upper() + text[1:], rng)
-    return _shape(rng.choice(FRAMES[split]["noun"]).format(rng.choice(nouns).format(**slots)), rng)
+        text = text[0].upper() + text[1:]
+    else:
+        text = rng.choice(FRAMES[split]["noun"]).format(rng.choice(nouns).format(**slots))
+    return _shape(_dress(text, rng) if split == "train" else text, rng)
+
+
+def _patterned(rng: random.Random) -> int:
+    """Training only: numbers that are runs of one digit (999999, 7777, 300000), which are hard to copy."""
+    digits = rng.randint(2, 6)
+    d = rng.randint(1, 9)
+    return rng.choice([int(str(d) * digits), d * 10 ** (digits - 1), 10 ** digits - 1, 10 ** digits])
 
 
 def _operands(rng: random.Random, op: str) -> tuple[int, int]:
@@ -234,7 +351,8 @@ def _expression_question(rng: random.Random, split: str) -> tuple[str, str]:
     if rng.random() < 0.6:
         for op in "+-*":
             spaced = spaced.replace(op, f" {op} ")
-    return _shape(rng.choice(FRAMES[split]["noun"]).format(spaced), rng), expression
+    text = rng.choice(FRAMES[split]["noun"]).format(spaced)
+    return _shape(_dress(text, rng) if split == "train" else text, rng), expression
 
 
 def _calc_question(rng: random.Random, split: str) -> tuple[str, str]:
@@ -249,6 +367,8 @@ def _calc_question(rng: random.Random, split: str) -> tuple[str, str]:
     op = rng.choices(list(CORES), [3, 3, 3, 2, 1, 1, 1])[0]
     nouns, verbs, expression = CORES[op]
     a, b = _operands(rng, op)
+    if split == "train" and op in "+-*" and rng.random() < 0.1:
+        a, b = (_patterned(rng), b) if rng.random() < 0.5 else (a, _patterned(rng))
     if op in "+-*" and b > 0 and rng.random() < 0.05:
         b, nouns, verbs = -b, [c for c in nouns if "{a} " in c and "{b}" in c and c[-3:] == "{b}"], []
     y = f"({b})" if b < 0 else b
@@ -281,14 +401,38 @@ def _units(rng: random.Random, split: str) -> tuple[list[dict], str]:
         frm, to, op, verb = (one if n == 1 else big), small, "*", "multiply"
     else:
         frm, to, op, verb = small, big, "/", "divide"
-    question = _shape(rng.choice(UNIT_FRAMES[split]).format(n=_written(n, rng), frm=frm, to=to), rng)
+    if split == "train":
+        frame = rng.choice(UNIT_FRAMES["train"] + UNIT_FRAMES_MORE)
+        question = _shape(_dress(frame.format(n=_written(n, rng), frm=frm, to=to), rng), rng)
+    else:
+        question = _shape(rng.choice(UNIT_FRAMES[split]).format(n=_written(n, rng), frm=frm, to=to), rng)
     why = f"1 {one} is {factor} {small}, so I {verb} {n} by {factor}."
     turns, result = _tool_turns(f"{n}{op}{factor}", why, f"{n} {frm} is {{result}} {to}.")
     return [{"role": "user", "content": question}] + turns, result
 
 
+def _composed_followup(rng: random.Random) -> tuple[str, str, int]:
+    """Training only: (text, operator, operand) from a pronoun, an operator phrase and a start or a frame."""
+    op = rng.choice("+-*/")
+    c, p = _number(rng, 1, 3) or 3, rng.choice(PRONOUNS)
+    nouns, verbs = FOLLOW_CORES[op]
+    if rng.random() < 0.6:
+        text = rng.choice(FOLLOW_STARTS) + rng.choice(verbs).format(p=p, c=c)
+        text += rng.choice([".", "", "?", ", please.", " please", "!", " for me."])
+    else:
+        text = rng.choice(FRAMES["train"]["noun"] + ["And {}?", "Now {}?", "And what is {}?"]).format(
+            rng.choice(nouns).format(p=p, c=c))
+    return _dress(text[0].upper() + text[1:], rng, asides=False), op, c
+
+
 def _followup(rng: random.Random, split: str) -> tuple[list[dict], str]:
     messages, first = _calc(rng, split)
+    if split == "train" and rng.random() < 0.7:
+        text, op, c = _composed_followup(rng)
+        expression = f"{first}{op}{c}" if not first.startswith("-") or op in "+-" else f"({first}){op}{c}"
+        turns, result = _tool_turns(expression, f"The last result was {first}. Now {expression}.",
+                                    "That makes {result}.", 1)
+        return messages + [{"role": "user", "content": _shape(text, rng)}] + turns, result
     text, op, fixed = rng.choice(FOLLOWUPS[split])
     while op == "**" and len(first) > 6:  # keep results short enough to copy
         text, op, fixed = rng.choice(FOLLOWUPS[split])
@@ -300,9 +444,22 @@ def _followup(rng: random.Random, split: str) -> tuple[list[dict], str]:
 
 def conversation(rng: random.Random, kind: str, split: str = "train") -> tuple[list[dict], dict]:
     """One conversation of ``kind`` phrased from ``split``'s family, and what a grader needs:
-    ``{"answer": the last calculator result (str) or None, "tool": bool}``."""
+    ``{"answer": the last calculator result (str) or None, "tool": bool}``.
+
+    A training conversation that happens to ask a held-out question (its :func:`template` is in
+    :func:`heldout_templates`) is drawn again, so the held-out phrasings stay unseen."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, found {split!r}")
+    if split != "train":
+        return _conversation(rng, kind, split)
+    for _ in range(100):
+        messages, grade = _conversation(rng, kind, split)
+        if not any(template(m["content"]) in heldout_templates() for m in messages if m["role"] == "user"):
+            return messages, grade
+    raise AssertionError(f"nano_data: 100 {kind} conversations in a row asked held-out questions")
+
+
+def _conversation(rng: random.Random, kind: str, split: str) -> tuple[list[dict], dict]:
     if kind == "calc":
         messages, result = _calc(rng, split)
     elif kind == "units":
@@ -310,8 +467,13 @@ def conversation(rng: random.Random, kind: str, split: str = "train") -> tuple[l
     elif kind == "followup":
         messages, result = _followup(rng, split)
     elif kind == "chat":
-        _, lines, why, answer = rng.choice(CHAT)
-        return [{"role": "user", "content": rng.choice(lines[split])},
+        category, lines, why, answer = rng.choice(CHAT)
+        if split == "train":
+            line = rng.choice(lines["train"] + CHAT_MORE[category])
+            line = _dress(line, rng, asides=False) if rng.random() < 0.3 else line
+        else:
+            line = rng.choice(lines[split])
+        return [{"role": "user", "content": line},
                 {"role": "assistant", "reasoning_content": why, "content": answer}], {"answer": None, "tool": False}
     else:
         raise ValueError(f"unknown conversation kind {kind!r}; expected one of {sorted(KINDS)}")

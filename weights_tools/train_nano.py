@@ -1,6 +1,6 @@
 """Train kimi-nano: a miniature Kimi (same architecture, format and chat template) from scratch on CPU.
 
-    python -m weights_tools.train_nano OUT [--steps 1700] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
+    python -m weights_tools.train_nano OUT [--steps 2400] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
                                            [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy] [--force]
 
 The model is the real K2.5 config shrunk in size only (MLA with YaRN RoPE, sigmoid ``noaux_tc`` router
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m weights_tools.train_nano", description=__doc__.splitlines()[0])
     parser.add_argument("out", help="output checkpoint directory (created; must be empty unless --force)")
     parser.add_argument("--force", action="store_true", help="replace the checkpoint in OUT as a whole")
-    parser.add_argument("--steps", type=int, default=1700)
+    parser.add_argument("--steps", type=int, default=2400)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     # 3e-3: at 1e-2 the logits of every layer sat at τ (QK-Clip working all the time) and the loss fell later
