@@ -202,30 +202,35 @@ def test_model_card_chat_example(client, capsys, tmp_path, nano_without_tools):
     assert plain.model == "kimi-nano" and plain.object == "chat.completion" and plain.id.startswith("chatcmpl-")
 
 
-def test_model_card_preserve_thinking_example(client, capsys, tmp_path, nano_without_tools):
+def test_model_card_preserve_thinking_example(client, capsys, tmp_path):
     from kimi_ref.chat import save_conversation
     from kimi_ref.chat_template import render_ids
     from kimi_ref.tokenizer import Tokenizer
 
-    plain = ask_both(client, messages=PRESERVE, max_tokens=40, seed=2)
+    # kimi-nano may answer this with a calculator call: declare its calculator on both sides (the chat does by
+    # default), let the chat answer once, as the server does, and leave room for a whole call
+    plain = ask_both(client, messages=PRESERVE, tools=NANO_TOOLS, max_tokens=96, seed=2)
     history = tmp_path / "history.json"
     save_conversation(history, PRESERVE[:2])
-    messages, stats = run_chat(capsys, tmp_path, "--ckpt", str(nano_without_tools), "--load", str(history),
-                               "--prompt", PRESERVE[2]["content"], "--seed", "2", "--max-new-tokens", "40")
+    messages, stats = run_chat(capsys, tmp_path, "--load", str(history),
+                               "--prompt", PRESERVE[2]["content"], "--seed", "2", "--max-new-tokens", "96",
+                               "--max-tool-rounds", "0")
     assert chat_shape(plain.choices[0].message) == messages[-1]
     check_counts(plain, stats[0])
     # K2.7-Code keeps the earlier turn's reasoning: the prompt is longer than K2.6's default would be.
     tok = Tokenizer.from_pretrained(NANO_DIR)
-    kept = render_ids(PRESERVE, tok, variant="k2.7-code")
-    dropped = render_ids(PRESERVE, tok, variant="k2.6", preserve_thinking=False)
+    kept = render_ids(PRESERVE, tok, tools=NANO_TOOLS, variant="k2.7-code")
+    dropped = render_ids(PRESERVE, tok, tools=NANO_TOOLS, variant="k2.6", preserve_thinking=False)
     assert plain.usage.prompt_tokens == len(kept) > len(dropped)
     # The K2.6/K2.7 cards' key, "reasoning", is read the same way.
     alias = [PRESERVE[0], {"role": "assistant", "reasoning": PRESERVE[1]["reasoning_content"],
                            "content": PRESERVE[1]["content"]}, PRESERVE[2]]
-    again = client.chat.completions.create(model="kimi-nano", messages=alias, max_tokens=40, seed=2, **SAMPLING)
+    again = client.chat.completions.create(model="kimi-nano", messages=alias, tools=NANO_TOOLS, max_tokens=96, seed=2,
+                                           **SAMPLING)
     assert chat_shape(again.choices[0].message) == messages[-1]
     # The K2.6 card's switch, sent to K2.7-Code (where it is forced on anyway), changes nothing.
-    switched = client.chat.completions.create(model="kimi-nano", messages=PRESERVE, max_tokens=40, seed=2, **SAMPLING,
+    switched = client.chat.completions.create(model="kimi-nano", messages=PRESERVE, tools=NANO_TOOLS, max_tokens=96,
+                                              seed=2, **SAMPLING,
                                               extra_body={"chat_template_kwargs": {"thinking": True,
                                                                                    "preserve_thinking": True}})
     assert chat_shape(switched.choices[0].message) == messages[-1]
