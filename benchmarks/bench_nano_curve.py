@@ -67,12 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     model = KimiForCausalLM(config.replace(quantization=None), dtype=torch.float32).eval()
     result: dict = {"n": args.n, "steps": [], "scores": {}}
     if args.reference:
-        import kimi_ref
-
-        reference = kimi_ref.load_model(args.reference, dtype=torch.bfloat16, progress=False)
-        steps = json.loads((args.reference / "train_log.json").read_text())["config"]["steps"]
-        scores = nano_eval.evaluate(reference, Tokenizer.from_pretrained(args.reference), n=args.n)["scores"]
-        result["old_model"] = {"steps": steps, "scores": {k: round(v, 4) for k, v in scores.items()}}
+        steps, scores = grade_checkpoint(args.reference, args.n)
+        result["old_model"] = {"steps": steps, "scores": scores}
         print(f"reference {args.reference} ({steps} steps): {result['old_model']['scores']}", flush=True)
     for step, path in snapshots(args.snapshots):
         model.load_state_dict(torch.load(path, weights_only=True))
@@ -86,16 +82,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def grade_finished(checkpoints: list[Path], n: int, out: Path | None) -> int:
+def grade_checkpoint(path: Path, n: int) -> tuple[int, dict[str, float]]:
+    """A finished checkpoint as stored (INT4 experts): its step count and held-out scores."""
     import kimi_ref
 
+    model = kimi_ref.load_model(path, dtype=torch.bfloat16, progress=False)
+    steps = json.loads((path / "train_log.json").read_text())["config"]["steps"]
+    scores = nano_eval.evaluate(model, Tokenizer.from_pretrained(path), n=n)["scores"]
+    return steps, {k: round(v, 4) for k, v in scores.items()}
+
+
+def grade_finished(checkpoints: list[Path], n: int, out: Path | None) -> int:
     result: dict = {"n": n, "finished": []}
     for path in checkpoints:
-        model = kimi_ref.load_model(path, dtype=torch.bfloat16, progress=False)
-        steps = json.loads((path / "train_log.json").read_text())["config"]["steps"]
-        scores = nano_eval.evaluate(model, Tokenizer.from_pretrained(path), n=n)["scores"]
-        result["finished"].append({"checkpoint": path.name, "steps": steps,
-                                   "scores": {k: round(v, 4) for k, v in scores.items()}})
+        steps, scores = grade_checkpoint(path, n)
+        result["finished"].append({"checkpoint": path.name, "steps": steps, "scores": scores})
         print(f"{path} ({steps} steps): {result['finished'][-1]['scores']}", flush=True)
         if out:
             out.write_text(json.dumps(result, indent=1) + "\n")

@@ -73,17 +73,6 @@ def client(server):
 
 
 @pytest.fixture(scope="module")
-def nano_without_tools(tmp_path_factory) -> Path:
-    """kimi-nano as it is, less tools.json: the chat then declares no tools, as a request without tools."""
-    out = tmp_path_factory.mktemp("nano") / "kimi-nano"
-    out.mkdir()
-    for f in NANO_DIR.iterdir():
-        if f.name != "tools.json":
-            (out / f.name).symlink_to(f)
-    return out
-
-
-@pytest.fixture(scope="module")
 def png(media_dir) -> Path:
     """A random 60×40 RGB PNG: 6×4 patches, 3×2 merged rows = 6 prompt positions."""
     import numpy as np
@@ -189,7 +178,7 @@ def check_counts(response, stats: tuple[int, int, int]) -> None:
 
 # ---- the model card's examples against the chat CLI ----------------------------------------------------------
 
-def test_model_card_chat_example(client, capsys, tmp_path, nano_without_tools):
+def test_model_card_chat_example(client, capsys, tmp_path):
     # kimi-nano was trained with its calculator always declared and writes calls even without it: declare it on
     # both sides (the chat does by default), and let the chat answer once, as the server does
     plain = ask_both(client, messages=CARD, tools=NANO_TOOLS, max_tokens=40, seed=1)

@@ -401,11 +401,9 @@ def _units(rng: random.Random, split: str) -> tuple[list[dict], str]:
         frm, to, op, verb = (one if n == 1 else big), small, "*", "multiply"
     else:
         frm, to, op, verb = small, big, "/", "divide"
-    if split == "train":
-        frame = rng.choice(UNIT_FRAMES["train"] + UNIT_FRAMES_MORE)
-        question = _shape(_dress(frame.format(n=_written(n, rng), frm=frm, to=to), rng), rng)
-    else:
-        question = _shape(rng.choice(UNIT_FRAMES[split]).format(n=_written(n, rng), frm=frm, to=to), rng)
+    frames = UNIT_FRAMES["train"] + UNIT_FRAMES_MORE if split == "train" else UNIT_FRAMES[split]
+    question = rng.choice(frames).format(n=_written(n, rng), frm=frm, to=to)
+    question = _shape(_dress(question, rng) if split == "train" else question, rng)
     why = f"1 {one} is {factor} {small}, so I {verb} {n} by {factor}."
     turns, result = _tool_turns(f"{n}{op}{factor}", why, f"{n} {frm} is {{result}} {to}.")
     return [{"role": "user", "content": question}] + turns, result
@@ -429,17 +427,15 @@ def _followup(rng: random.Random, split: str) -> tuple[list[dict], str]:
     messages, first = _calc(rng, split)
     if split == "train" and rng.random() < 0.7:
         text, op, c = _composed_followup(rng)
-        expression = f"{first}{op}{c}" if not first.startswith("-") or op in "+-" else f"({first}){op}{c}"
-        turns, result = _tool_turns(expression, f"The last result was {first}. Now {expression}.",
-                                    "That makes {result}.", 1)
-        return messages + [{"role": "user", "content": _shape(text, rng)}] + turns, result
-    text, op, fixed = rng.choice(FOLLOWUPS[split])
-    while op == "**" and len(first) > 6:  # keep results short enough to copy
+    else:
         text, op, fixed = rng.choice(FOLLOWUPS[split])
-    c = fixed or _number(rng, 1, 3) or 3
+        while op == "**" and len(first) > 6:  # keep results short enough to copy
+            text, op, fixed = rng.choice(FOLLOWUPS[split])
+        c = fixed or _number(rng, 1, 3) or 3
+        text = text.format(c=c)
     expression = f"{first}{op}{c}" if not first.startswith("-") or op in "+-" else f"({first}){op}{c}"
     turns, result = _tool_turns(expression, f"The last result was {first}. Now {expression}.", "That makes {result}.", 1)
-    return messages + [{"role": "user", "content": _shape(text.format(c=c), rng)}] + turns, result
+    return messages + [{"role": "user", "content": _shape(text, rng)}] + turns, result
 
 
 def conversation(rng: random.Random, kind: str, split: str = "train") -> tuple[list[dict], dict]:
