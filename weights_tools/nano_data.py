@@ -277,6 +277,11 @@ def _dress(text: str, rng: random.Random, asides: bool = True) -> str:
     return text
 
 
+def _asked(text: str, rng: random.Random, split: str) -> str:
+    """A question as the model reads it: dressed (training only), then shaped (case, punctuation)."""
+    return _shape(_dress(text, rng) if split == "train" else text, rng)
+
+
 _NUMBERS = re.compile(r"\d[\d,]*(?:\.\d+)?")
 
 
@@ -312,7 +317,7 @@ def _frame(rng: random.Random, split: str, nouns: list[str], verbs: list[str], *
         text = text[0].upper() + text[1:]
     else:
         text = rng.choice(FRAMES[split]["noun"]).format(rng.choice(nouns).format(**slots))
-    return _shape(_dress(text, rng) if split == "train" else text, rng)
+    return _asked(text, rng, split)
 
 
 def _patterned(rng: random.Random) -> int:
@@ -352,7 +357,7 @@ def _expression_question(rng: random.Random, split: str) -> tuple[str, str]:
         for op in "+-*":
             spaced = spaced.replace(op, f" {op} ")
     text = rng.choice(FRAMES[split]["noun"]).format(spaced)
-    return _shape(_dress(text, rng) if split == "train" else text, rng), expression
+    return _asked(text, rng, split), expression
 
 
 def _calc_question(rng: random.Random, split: str) -> tuple[str, str]:
@@ -403,7 +408,7 @@ def _units(rng: random.Random, split: str) -> tuple[list[dict], str]:
         frm, to, op, verb = small, big, "/", "divide"
     frames = UNIT_FRAMES["train"] + UNIT_FRAMES_MORE if split == "train" else UNIT_FRAMES[split]
     question = rng.choice(frames).format(n=_written(n, rng), frm=frm, to=to)
-    question = _shape(_dress(question, rng) if split == "train" else question, rng)
+    question = _asked(question, rng, split)
     why = f"1 {one} is {factor} {small}, so I {verb} {n} by {factor}."
     turns, result = _tool_turns(f"{n}{op}{factor}", why, f"{n} {frm} is {{result}} {to}.")
     return [{"role": "user", "content": question}] + turns, result
