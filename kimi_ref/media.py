@@ -465,20 +465,26 @@ def message_images(messages: list[dict]) -> list[str]:
             for part in m["content"] if isinstance(part, dict) and part.get("type") in IMAGE_PART_TYPES]
 
 
-def open_source(source: str) -> str | bytes:
-    """A path, a ``file://`` URL or a base64 ``data:`` URL -> what load_image reads. No network."""
+def open_source(source: str, *, remote: str = "the chat does not download images; save it and pass its path"
+                ) -> str | bytes:
+    """A path, a ``file://`` URL or a base64 ``data:`` URL -> what load_image reads (bytes or a path). No network.
+
+    ``remote`` says what to do instead when ``source`` is an http(s) or other remote URL (the server says
+    "send a data: URL"; the chat says "save it").
+    """
     if source.startswith("data:"):
-        header, _, payload = source.partition(",")
-        if not header.endswith(";base64"):
-            raise MediaError(f"image {source[:40]}...: only base64 data: URLs are supported")
+        header, comma, payload = source.partition(",")
+        if not comma or not header.endswith(";base64"):
+            raise MediaError(f"image {source[:40]}...: only base64 data: URLs are supported, like "
+                             "data:image/png;base64,...")
         try:
             return base64.b64decode(payload, validate=True)
-        except binascii.Error as e:
+        except (binascii.Error, ValueError) as e:
             raise MediaError(f"image {source[:40]}...: the base64 payload is broken ({e})") from None
     if source.startswith("file://"):
         return unquote(urlparse(source).path)
     if "://" in source:
-        raise MediaError(f"image {source}: the chat does not download images; save it and pass its path")
+        raise MediaError(f"image {source[:60]}: {remote}")
     return source
 
 

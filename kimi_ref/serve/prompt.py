@@ -21,12 +21,9 @@ and all of it happens before the request joins the queue, so a bad request never
 
 from __future__ import annotations
 
-import base64
-import binascii
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 import torch
 
@@ -34,6 +31,7 @@ from kimi_ref import moonvit
 from kimi_ref.chat_template import ChatTemplateError, render_ids, render_segments
 from kimi_ref.config import ConfigError, load_media_config
 from kimi_ref.generate import Media, expanded_length, stop_ids_for
+from kimi_ref.media import MediaError, open_source
 from kimi_ref.serve.requests import RequestError
 from kimi_ref.serve.shapes import ChatRequest
 
@@ -175,21 +173,14 @@ class PromptBuilder:
 
     def _open(self, url: str, where: str) -> bytes | str:
         """A base64 data: URL -> bytes; a local path or file:// URL under the allowed folder -> the path."""
-        if url.startswith("data:"):
-            header, comma, data = url.partition(",")
-            if not comma or not header.endswith(";base64"):
-                raise RequestError(f"{where}: a data: URL must be base64, like data:image/png;base64,...", where)
-            try:
-                return base64.b64decode(data, validate=True)
-            except (binascii.Error, ValueError) as e:
-                raise RequestError(f"{where}: the base64 payload of the data: URL is broken ({e})", where) from None
-        if url.startswith("file://"):
-            path = Path(unquote(urlparse(url).path))
-        elif "://" in url:
-            raise RequestError(f"{where}: this server never downloads images ({url[:60]}); send the image as a "
-                               "base64 data: URL", where)
-        else:
-            path = Path(url)
+        try:
+            source = open_source(url, remote="this server never downloads images; send the image as a base64 "
+                                             "data: URL")
+        except MediaError as e:
+            raise RequestError(f"{where}: {e}", where) from None
+        if isinstance(source, bytes):
+            return source
+        path = Path(source)
         if self.media_dir is None:
             raise RequestError(f"{where}: local image files are off (start the server with "
                                "--allowed-local-media-path DIR to read files under DIR); send a base64 data: URL", where)
