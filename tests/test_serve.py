@@ -661,3 +661,39 @@ def test_the_checkpoint_decides_the_servers_variant_and_sampling(tmp_path, capsy
     settings = cli._settings(cli._parser().parse_args(["--ckpt", str(ckpt), "--port", "0", "--device", "cpu",
                                                        "--temperature", "0", "--variant", "k2.5"]))
     assert (settings.variant, settings.temperature, settings.top_p) == ("k2.5", 0.0, 0.9)
+    assert (settings.eos_token_ids, settings.max_length) == ((), None)
+
+
+def test_generation_config_eos_ids_and_max_length_bind_the_server(tmp_path):
+    """generation_config.json's eos_token_id ends a served answer beside <|im_end|> (not under ignore_eos),
+    and its max_length caps prompt + answer below --max-model-len, named as the cap in the refusal."""
+    from kimi_ref.config import load_config
+    from kimi_ref.serve import cli
+    from kimi_ref.serve.prompt import Defaults, PromptBuilder
+    from kimi_ref.serve.server import ServeSettings, context_limit
+    from kimi_ref.tokenizer import Tokenizer
+    from weights_tools.make_tiny import make_tiny
+
+    ckpt = make_tiny(tmp_path / "flat", layout="flat")
+    (ckpt / "generation_config.json").write_text(json.dumps({"eos_token_id": [7, 11], "max_length": 40}))
+    settings = cli._settings(cli._parser().parse_args(["--ckpt", str(ckpt), "--port", "0", "--device", "cpu",
+                                                       "--max-model-len", "64"]))
+    assert (settings.eos_token_ids, settings.max_length, settings.max_model_len) == ((7, 11), 40, 64)
+    config = load_config(ckpt)
+    assert context_limit(settings, config) == (40, "generation_config.json's max_length (prompt and answer together)")
+    assert context_limit(ServeSettings(str(ckpt), max_model_len=32, max_length=40), config)[0] == 32
+    assert context_limit(ServeSettings(str(ckpt)), config)[0] == config.max_position_embeddings
+
+    tok = Tokenizer.from_pretrained(ckpt)
+    limit, source = context_limit(settings, config)
+    builder = PromptBuilder(tok, config, ckpt, "k2-thinking", limit, Defaults(1.0, 0.95, None, (7, 11)),
+                            context_from=source)
+    request = parse_chat_request(json.dumps({"messages": [USER]}).encode())
+    prepared = builder.prepare(request)
+    assert {7, 11, tok.special_tokens["<|im_end|>"]} <= set(prepared.stop_ids)
+    assert prepared.prompt_tokens + prepared.max_new_tokens == 40
+    ignoring = builder.prepare(parse_chat_request(json.dumps({"messages": [USER], "ignore_eos": True}).encode()))
+    assert not {7, 11, tok.special_tokens["<|im_end|>"]} & set(ignoring.stop_ids)
+    with pytest.raises(RequestError, match="generation_config.json's max_length .* is 40 tokens") as caught:
+        builder.prepare(parse_chat_request(json.dumps({"messages": [USER], "max_tokens": 39}).encode()))
+    assert caught.value.param == "max_tokens"

@@ -80,6 +80,7 @@ def _settings(args: argparse.Namespace):
     return ServeSettings(ckpt=str(ckpt), device=device, dtype=args.dtype, backend=args.backend, variant=setup.variant,
                          temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                          host=args.host, port=args.port, model_name=name, max_model_len=args.max_model_len,
+                         max_length=setup.sampling.max_length, eos_token_ids=setup.sampling.eos_token_ids,
                          max_queue=args.max_queue, max_body_bytes=int(args.max_body_mb * (1 << 20)),
                          media_dir=None if media_dir is None else str(media_dir), api_key=args.api_key,
                          log_level=args.log_level)

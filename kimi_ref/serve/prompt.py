@@ -47,6 +47,7 @@ class Defaults:
     temperature: float
     top_p: float
     max_new_tokens: int | None  # None: up to the end of the context
+    eos_token_ids: tuple[int, ...] = ()  # generation_config.json's: they end an answer too
 
 
 @dataclass
@@ -71,9 +72,10 @@ class PromptBuilder:
     """Holds what preparing a request needs from the checkpoint and the server's flags."""
 
     def __init__(self, tokenizer: Any, config: Any, ckpt: str | Path, variant: str, max_model_len: int,
-                 defaults: Defaults, media_dir: str | Path | None = None) -> None:
+                 defaults: Defaults, media_dir: str | Path | None = None,
+                 context_from: str = "this server's context (--max-model-len)") -> None:
         self.tok, self.config, self.ckpt, self.variant = tokenizer, config, Path(ckpt), variant
-        self.max_model_len, self.defaults = max_model_len, defaults
+        self.max_model_len, self.defaults, self.context_from = max_model_len, defaults, context_from
         self.media_dir = Path(media_dir).resolve() if media_dir is not None else None
         self._media_config: Any = None
         self.section_begin = tokenizer.special_tokens.get("<|tool_calls_section_begin|>")
@@ -88,7 +90,10 @@ class PromptBuilder:
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
         budget = self._budget(length, request.max_tokens)
-        stops = () if request.ignore_eos else stop_ids_for(self.tok, self.config)
+        stops: tuple[int, ...] = ()
+        if not request.ignore_eos:
+            stops = stop_ids_for(self.tok, self.config)
+            stops += tuple(i for i in self.defaults.eos_token_ids if i not in stops)
         if not tools_on and self.section_begin is not None:
             stops = (*stops, self.section_begin)
         return Prepared(ids=ids, media=media, prompt_tokens=length, max_new_tokens=budget,
@@ -123,12 +128,12 @@ class PromptBuilder:
     def _budget(self, length: int, max_tokens: int | None) -> int:
         room = self.max_model_len - length
         if room < 1:
-            raise RequestError(f"the prompt is {length} tokens, but this server's context (--max-model-len) is "
+            raise RequestError(f"the prompt is {length} tokens, but {self.context_from} is "
                                f"{self.max_model_len}: at most {self.max_model_len - 1} prompt tokens leave room to "
                                "answer. Shorten the messages.", "messages", code="context_length_exceeded")
         if max_tokens is not None:
             if max_tokens > room:
-                raise RequestError(f"this server's context (--max-model-len) is {self.max_model_len} tokens, but "
+                raise RequestError(f"{self.context_from} is {self.max_model_len} tokens, but "
                                    f"{length + max_tokens} were asked for ({length} in the messages, {max_tokens} in "
                                    "the completion). Reduce the length of the messages or max_tokens.", "max_tokens",
                                    code="context_length_exceeded")

@@ -47,6 +47,8 @@ class ServeSettings:
     port: int = 8000
     model_name: str = "kimi-nano"
     max_model_len: int | None = None    # None: the model's max_position_embeddings
+    max_length: int | None = None       # generation_config.json's: prompt and answer together, within max_model_len
+    eos_token_ids: tuple[int, ...] = () # generation_config.json's: they end an answer, beside <|im_end|>
     max_queue: int = 16
     max_body_bytes: int = 32 << 20
     media_dir: str | None = None        # --allowed-local-media-path
@@ -68,14 +70,24 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
+def context_limit(s: ServeSettings, config: Any) -> tuple[int, str]:
+    """Prompt plus answer, in tokens, and what set it: the model's positions, --max-model-len, or
+    generation_config.json's max_length (the chat obeys that too: ``Session._budget``)."""
+    context = min(s.max_model_len or config.max_position_embeddings, config.max_position_embeddings)
+    if s.max_length is not None and s.max_length < context:
+        return s.max_length, "generation_config.json's max_length (prompt and answer together)"
+    return context, "this server's context (--max-model-len)"
+
+
 def _build(model: Any, s: ServeSettings, tp: TP, device: str) -> tuple[Any, Any]:
     """The engine (started) and the Starlette app around it."""
     from kimi_ref.serve.app import create_app
 
     tok = Tokenizer.from_pretrained(s.ckpt)
-    limit = model.config.max_position_embeddings
-    builder = PromptBuilder(tok, model.config, s.ckpt, s.variant, min(s.max_model_len or limit, limit),
-                            Defaults(s.temperature, s.top_p, s.max_new_tokens), s.media_dir)
+    context, context_from = context_limit(s, model.config)
+    builder = PromptBuilder(tok, model.config, s.ckpt, s.variant, context,
+                            Defaults(s.temperature, s.top_p, s.max_new_tokens, tuple(s.eos_token_ids)), s.media_dir,
+                            context_from)
     engine = Engine(model, tok, tp, device, s.max_queue)
     engine.start()
     return create_app(engine, builder, s.model_name, s.max_body_bytes, s.api_key), engine
