@@ -140,11 +140,12 @@ def make_optimizer(model: KimiForCausalLM, kind: str, lr: float, tau: float | No
 
 def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, optimizer: str = "muonclip",
           lr: float = 3e-3, tau: float | None = 100.0, log_every: int = 10, progress=print,
-          tokenizer: Tokenizer | None = None, after_step=None) -> tuple[KimiForCausalLM, dict]:
+          tokenizer: Tokenizer | None = None, after_step=None, lr_floor: float = 0.1) -> tuple[KimiForCausalLM, dict]:
     """Train from scratch; returns the fp32 model and the log {step, loss, max_logit[layer][head], ...}.
 
     ``tokenizer`` defaults to the demo one (the vocabulary the checkpoint ships with);
     ``after_step(step, model)``, when given, runs after every update (benchmarks measure along the way).
+    The learning rate warms up over the first 5% of steps, then falls along a cosine to ``lr_floor`` × lr.
     """
     tok = Tokenizer.demo() if tokenizer is None else tokenizer
     model = build_model(config, seed)
@@ -152,7 +153,7 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
     counter = _LoadCounter(model)
     warmup = max(1, steps // 20)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * (lr_floor + (1 - lr_floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
     log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "steps": steps, "batch": batch_size, "seed": seed},
            "step": [], "loss": [], "max_logit": [], "seconds": [], "cpu_seconds": []}
     start, cpu_start = time.perf_counter(), time.process_time()
