@@ -205,6 +205,9 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # | tried | the same | 3600 × 16 | 47 min | 95.2 · 94.0 · 97% | 97.7 · 100 · 100% |
 # | tried | + small-to-big units 45%, separators 20%, round results 5% | 2400 × 16 | 32 min | 95.2 · 96.4 · 97% | 93.0 · 93.0 · 100% |
 # | tried | the same | 3000 × 16 | 41 min | 92.8 · 92.8 · 99% | 95.3 · 97.7 · 100% |
+# | tried | the shipped data; 5 layers (one more MoE layer) | 2400 × 16 | 40 min | 90.4 · 91.6 · 100% | 93.0 · 93.0 · 100% |
+# | tried | the shipped data; rotary part 32 wide per head (was 16) | 2400 × 16 | 35 min | 91.6 · 94.0 · 99% | 93.0 · 93.0 · 100% |
+# | tried | the shipped data; learning rate falling to 0, not to a tenth | 2400 × 16 | 31 min | 92.8 · 97.6 · 99% | 97.7 · 100 · 100% |
 #
 # (INT4 as shipped; 100 held-out conversations, 52 hand-written questions. \*On the list before three
 # unit questions got numbers the newest training data never asks. \*\*On its own held-out set, which
@@ -228,11 +231,23 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # by content, and six 0s in a row all look alike), a thousands separator read as a digit
 # (`1,500 + 2,500` sent as `1500+25500`), and small-to-big units multiplied instead of divided.
 #
-# The plot: held-out accuracy of the second kimi-nano's snapshots (fp32, experts before INT4; every 170
-# steps of one 1700-step run, 40 conversations), the first kimi-nano graded on the same questions, and
-# the finished runs on the newest data (as stored, INT4; 100 conversations; each run has its own
-# learning-rate schedule, so these are endpoints, not one curve; `nano_runs.json` names them `v2_STEPS`,
-# and `v3_STEPS` for the aimed data). `python benchmarks/bench_nano_curve.py` makes both files.
+# The last three rows change the model or its schedule, not the data. A bigger model (a fifth layer,
+# or twice the rotary width) lost 6 held-out points and fixed no hand-written miss: more room to
+# memorize the training phrasings is not more reading of new ones. A learning rate that falls all the
+# way to 0 settled the unit factors and every hand-written question but one — and then copied long
+# tool results worse: `373.77777777777777` came back as `373.7777777777777`, and once a
+# `48380.3999…` ran on in 9s to the token limit. Copying a run of one token is the nano's weak spot in
+# every run; which questions fall into it moves from run to run.
+#
+# The plot: held-out accuracy along the shipped run (its fp32 snapshots every 240 steps, experts
+# before INT4, 40 conversations: `nano_curve_shipped.json`) against the second kimi-nano's run on the
+# data before (every 170 steps of its 1700, the same 40 conversations: `nano_curve.json`), with the
+# first kimi-nano as crosses. The open squares are finished runs of other lengths on the newest data
+# (as stored, INT4, 100 conversations; each has its own learning-rate schedule, so they are endpoints,
+# not points of one curve; `nano_runs.json` holds them and the other runs of the table).
+# `python benchmarks/bench_nano_curve.py` makes the three files. Up to 1700 steps the two data sets
+# teach the held-out set at the same pace; the second data's run ends there, and more steps on that
+# data made its follow-ups worse; on the newest data the answers keep climbing, to 97% at 2400.
 
 # %%
 from pathlib import Path
@@ -240,18 +255,22 @@ from pathlib import Path
 results = Path(kimi_ref.__file__).resolve().parents[1] / "benchmarks/results"
 curve = json.loads((results / "nano_curve.json").read_text())
 runs = json.loads((results / "nano_runs.json").read_text())
-fig, ax = plt.subplots(figsize=(7, 3.5))
+shipped = json.loads((results / "nano_curve_shipped.json").read_text())
+fig, ax = plt.subplots(figsize=(10, 3.8))
 for key, label, color in (("answer", "right final answer", "C0"), ("tool_call", "right calculator calls", "C1"),
                           ("well_formed", "well-formed output", "C2")):
-    ax.plot(curve["steps"], curve["scores"][key], marker="o", color=color, alpha=0.5,
+    ax.plot(curve["steps"], curve["scores"][key], marker="o", color=color, alpha=0.4, linestyle="--",
             label=f"second data, one run: {label}")
+    ax.plot(shipped["steps"], shipped["scores"][key], marker=".", color=color,
+            label=f"newest data, the shipped run: {label}")
     newest = sorted((r["steps"], r["scores"][key]) for r in runs["finished"] if r["checkpoint"].startswith("v2"))
-    ax.plot(*zip(*newest), marker="s", color=color, label=f"newest data, finished runs: {label}")
+    ax.scatter(*zip(*newest), marker="s", edgecolors=color, facecolors="none",
+               label=f"newest data, finished runs of other lengths: {label}")
 old = curve["old_model"]
 ax.scatter([old["steps"]] * 2, [old["scores"]["answer"], old["scores"]["tool_call"]], color="grey", marker="x",
            label=f"first data, {old['steps']} steps: answer / calls")
 ax.set(xlabel="training step", ylabel="held-out score", ylim=(0, 1.02))
-ax.legend(fontsize=7)
+ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))
 plt.tight_layout()
 plt.show()
 
