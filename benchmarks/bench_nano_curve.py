@@ -12,7 +12,9 @@ the first ``--n`` held-out conversations, in fp32 with the experts before INT4, 
 ``{"steps": [...], "scores": {score: [...]}, "n": N}`` as JSON (chapter 13 plots it). ``--reference``
 grades a finished checkpoint (as stored: INT4 experts) on the same questions, kept as ``"old_model"``
 with the step count of its ``train_log.json``. (results/nano_curve.json was made with ``--steps 1700
---every 170`` on the data of the second kimi-nano, before the training-only variety of nano_data.)
+--every 170`` on the data of the second kimi-nano, before the training-only variety of nano_data;
+results/nano_curve_shipped.json with the defaults, on the shipped data: its last snapshot's experts are
+the shipped ``dense_experts.safetensors``, bit for bit.)
 
 ``--finished`` grades whole runs instead of one run's snapshots: each checkpoint as stored (INT4 experts),
 with the step count of its ``train_log.json``, written as ``{"n": N, "finished": [{"checkpoint", "steps",
