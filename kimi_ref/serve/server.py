@@ -48,7 +48,7 @@ class ServeSettings:
     model_name: str = "kimi-nano"
     max_model_len: int | None = None    # None: the model's max_position_embeddings
     max_length: int | None = None       # generation_config.json's: prompt and answer together, within max_model_len
-    eos_token_ids: tuple[int, ...] = () # generation_config.json's: they end an answer, beside <|im_end|>
+    eos_token_ids: tuple[int, ...] = ()  # generation_config.json's: they end an answer, beside <|im_end|>
     max_queue: int = 16
     max_body_bytes: int = 32 << 20
     media_dir: str | None = None        # --allowed-local-media-path
