@@ -232,7 +232,7 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # (`1,500 + 2,500` sent as `1500+25500`), and small-to-big units multiplied instead of divided.
 #
 # The last three rows change the model or its schedule, not the data. A bigger model (a fifth layer,
-# or twice the rotary width) lost 6 held-out points and fixed no hand-written miss: more room to
+# or twice the rotary width) lost 6 to 7 held-out points and fixed no hand-written miss: more room to
 # memorize the training phrasings is not more reading of new ones. A learning rate that falls all the
 # way to 0 settled the unit factors and every hand-written question but one — and then copied long
 # tool results worse: `373.77777777777777` came back as `373.7777777777777`, and once a
