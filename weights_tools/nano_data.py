@@ -179,7 +179,7 @@ CHAT = [
 # The held-out score is about phrasings never seen, and a model trained from scratch knows no word it was not
 # shown: an unknown word is noise to it. So the training questions come wrapped in words that carry nothing --
 # openers, closers, asides -- and the model learns to read only the numbers, the operator words and the
-# units. None of these words is in a held-out frame, and `_train_text` refuses any training question whose
+# units. None of these words is in a held-out frame, and `conversation` draws again any training question whose
 # template equals a held-out one (tests/test_nano.py checks both).
 OPENERS = ["Hi,", "Hello,", "Ok,", "OK so", "Alright,", "Right,", "Now", "Next,", "Next one:", "One more:",
            "Another one:", "Question:", "Hmm,", "Well,", "Excuse me,", "Sorry,", "kimi,", "Dear kimi,", "Math:",

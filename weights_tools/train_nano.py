@@ -152,8 +152,12 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
     opt = make_optimizer(model, optimizer, lr, tau)
     counter = _LoadCounter(model)
     warmup = max(1, steps // 20)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * (lr_floor + (1 - lr_floor) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))))
+
+    def lr_factor(s: int) -> float:  # times lr at step s: a linear warm-up, then a cosine from 1 to lr_floor
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        return min(1.0, (s + 1) / warmup) * (lr_floor + (1 - lr_floor) * cosine)
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
     log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "steps": steps, "batch": batch_size, "seed": seed},
            "step": [], "loss": [], "max_logit": [], "seconds": [], "cpu_seconds": []}
     start, cpu_start = time.perf_counter(), time.process_time()
