@@ -351,7 +351,7 @@ def test_image_rides_with_the_first_repl_line_and_every_later_prefill(vision_ckp
 def test_image_sources_path_file_url_and_data_url_agree(vision_ckpt, tmp_path):
     import base64
 
-    from kimi_ref.media import ImageTable, MediaError, message_images
+    from kimi_ref.media import ImageTable, MediaError, message_images, open_source
 
     image = write_png(tmp_path / "pic.png")
     data_url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
@@ -370,6 +370,11 @@ def test_image_sources_path_file_url_and_data_url_agree(vision_ckpt, tmp_path):
     assert message_images(messages) == ["a.png", "b.png"]
     with pytest.raises(MediaError, match="only base64 data: URLs"):
         ImageTable(["data:image/png,abc"], vision_ckpt)
+    for no_payload in ("data:image/png;base64", "data:"):  # no comma: nothing to decode, said so
+        with pytest.raises(MediaError, match="only base64 data: URLs are supported, like data:image/png;base64"):
+            open_source(no_payload)
+    with pytest.raises(MediaError, match="https://example.com/cat.png: send it inline"):
+        open_source("https://example.com/cat.png", remote="send it inline")
     with pytest.raises(MediaError, match="must name its image as a string"):
         message_images([{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}])
 
