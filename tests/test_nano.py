@@ -237,6 +237,56 @@ def test_training_is_deterministic():
         assert torch.equal(x, y), name
 
 
+def test_tail_average_is_the_mean_of_the_last_updates():
+    import torch
+
+    from weights_tools import train_nano
+
+    config = train_nano.nano_config(toy=True)
+    seen: list[dict] = []  # after_step sees each update's own weights
+
+    def keep(step, model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        last, _ = train_nano.train(config, steps=4, batch_size=2, seed=3, progress=lambda s: None)
+        averaged, log = train_nano.train(config, steps=4, batch_size=2, seed=3, progress=lambda s: None,
+                                         after_step=keep, average_last=0.5)
+    finally:
+        torch.set_num_threads(threads)
+    assert log["config"]["averaged_updates"] == 2 and len(seen) == 4
+    moved = 0
+    for name, value in averaged.state_dict().items():
+        assert torch.equal(last.state_dict()[name], seen[-1][name]), name  # the hook changed nothing
+        if value.is_floating_point():
+            mean = ((seen[2][name].double() + seen[3][name].double()) / 2).to(value.dtype)
+            assert torch.equal(value, mean), name
+            moved += not torch.equal(value, seen[-1][name])
+        else:
+            assert torch.equal(value, seen[-1][name]), name
+    assert moved > 0  # the mean is not the last update's weights
+    assert any("e_score_correction_bias" in name for name in seen[-1])  # buffers are averaged too
+
+
+def test_tail_average_refuses_what_it_cannot_average():
+    from weights_tools import train_nano
+
+    model = train_nano.build_model(train_nano.nano_config(toy=True), 0)
+    for count in (0, 11):
+        with pytest.raises(ValueError, match=r"needs 1 to 10 updates .* found " + str(count)):
+            train_nano.TailAverage(model, 10, count)
+    tail = train_nano.TailAverage(model, 10, 2)
+    tail.add(7, model)  # before the tail: not counted
+    tail.add(8, model)
+    with pytest.raises(RuntimeError, match="saw 1 of its 2 updates"):
+        tail.load_into(model)
+    assert train_nano.tail_count(2400, 0.1) == 240 and train_nano.tail_count(3, 0.1) == 1
+    with pytest.raises(ValueError, match="--average-last must be a fraction .* found 1.5"):
+        train_nano.tail_count(10, 1.5)  # the CLI refuses it before training: tests/test_reliability.py
+
+
 # ---- the shipped kimi-nano ------------------------------------------------------------------------------
 # Greedy decoding and the real tool loop (weights_tools.nano_eval), on two sets: the held-out conversations
 # (phrased from a family of templates never trained on) and the hand-written questions of

@@ -1,7 +1,8 @@
 """Train kimi-nano: a miniature Kimi (same architecture, format and chat template) from scratch on CPU.
 
     python -m weights_tools.train_nano OUT [--steps 2400] [--batch 16] [--lr 3e-3] [--seed 0] [--threads 1]
-                                           [--optimizer muonclip|adamw] [--tau 100] [--no-qk-clip] [--toy] [--force]
+                                           [--average-last 0.1] [--optimizer muonclip|adamw] [--tau 100]
+                                           [--no-qk-clip] [--toy] [--force]
 
 The model is the real K2.5 config shrunk in size only (MLA with YaRN RoPE, sigmoid ``noaux_tc`` router
 with ``e_score_correction_bias``, a shared expert, the first layer dense), trained on the generated
@@ -10,7 +11,9 @@ conversations of :mod:`weights_tools.nano_data` (loss on assistant tokens only),
 * MuonClip (:mod:`kimi_ref.muonclip`): Muon for the matrices, AdamW for the rest, and QK-Clip after
   every step, fed by each attention's per-head maximum logit (``MLA.track_max_logit``);
 * aux-loss-free balancing: after each step every MoE layer nudges ``e_score_correction_bias`` of its
-  overloaded experts down and of its idle ones up by ``BIAS_RATE`` (DeepSeek-V3, used by Kimi K2).
+  overloaded experts down and of its idle ones up by ``BIAS_RATE`` (DeepSeek-V3, used by Kimi K2);
+* a tail average: the weights written are the mean of the weights after each of the last
+  ``--average-last`` × steps updates (:class:`TailAverage`), not the last update's alone.
 
 Training runs in fp32 with dense experts; the result is written in the real checkpoint layout
 (:func:`weights_tools.make_tiny.write_checkpoint`): routed experts quantized to INT4 (compressed-tensors
@@ -44,7 +47,7 @@ from weights_tools import nano_data
 from weights_tools._cli import FAILURE, INTERRUPTED, USAGE, fail
 from weights_tools.safe_write import OutputError, check_dir
 
-__all__ = ["nano_config", "build_model", "train", "checkpoint_tensors", "main", "BIAS_RATE"]
+__all__ = ["nano_config", "build_model", "train", "TailAverage", "checkpoint_tensors", "main", "BIAS_RATE"]
 
 BIAS_RATE = 1e-3  # DeepSeek-V3's bias update speed γ
 DENSE_EXPERTS_FILE = "dense_experts.safetensors"
@@ -128,6 +131,48 @@ def _max_logits(model: KimiForCausalLM) -> list[list[float]]:
 WEIGHT_DECAY = 0.01
 
 
+class TailAverage:
+    """The mean of the model's weights after each of the last ``count`` of ``steps`` updates.
+
+        w̄ = (1/N) Σ_{s = steps-N}^{steps-1} w_s        (every float tensor of the state dict, buffers too)
+
+    Each update at the end of training still moves the weights by lr × (noise of one batch of 16); the
+    mean over N updates keeps what they agree on. The sum is kept in float64, so that N additions do not
+    round the mean.
+    """
+
+    def __init__(self, model: KimiForCausalLM, steps: int, count: int):
+        if not 1 <= count <= steps:
+            raise ValueError(f"the tail average needs 1 to {steps} updates (the whole run), found {count}")
+        self.first, self.count, self.added = steps - count, count, 0
+        self.sums = {k: torch.zeros_like(v, dtype=torch.float64)
+                     for k, v in model.state_dict().items() if v.is_floating_point()}
+
+    @torch.no_grad()
+    def add(self, step: int, model: KimiForCausalLM) -> None:
+        if step < self.first:
+            return
+        for k, v in model.state_dict().items():
+            if k in self.sums:
+                self.sums[k] += v
+        self.added += 1
+
+    @torch.no_grad()
+    def load_into(self, model: KimiForCausalLM) -> None:
+        if self.added != self.count:
+            raise RuntimeError(f"the tail average saw {self.added} of its {self.count} updates")
+        state = model.state_dict()
+        model.load_state_dict({k: (self.sums[k] / self.count).to(v.dtype) if k in self.sums else v
+                               for k, v in state.items()})
+
+
+def tail_count(steps: int, fraction: float) -> int:
+    """How many final updates ``--average-last`` averages: a fraction of the steps, at least the last one."""
+    if not 0 <= fraction <= 1:
+        raise ValueError(f"--average-last must be a fraction of the steps from 0 to 1, found {fraction}")
+    return max(1, round(steps * fraction))
+
+
 def make_optimizer(model: KimiForCausalLM, kind: str, lr: float, tau: float | None):
     if kind == "adamw":
         return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=WEIGHT_DECAY)
@@ -140,12 +185,16 @@ def make_optimizer(model: KimiForCausalLM, kind: str, lr: float, tau: float | No
 
 def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, optimizer: str = "muonclip",
           lr: float = 3e-3, tau: float | None = 100.0, log_every: int = 10, progress=print,
-          tokenizer: Tokenizer | None = None, after_step=None, lr_floor: float = 0.1) -> tuple[KimiForCausalLM, dict]:
+          tokenizer: Tokenizer | None = None, after_step=None, lr_floor: float = 0.1,
+          average_last: float = 0.0) -> tuple[KimiForCausalLM, dict]:
     """Train from scratch; returns the fp32 model and the log {step, loss, max_logit[layer][head], ...}.
 
     ``tokenizer`` defaults to the demo one (the vocabulary the checkpoint ships with);
-    ``after_step(step, model)``, when given, runs after every update (benchmarks measure along the way).
+    ``after_step(step, model)``, when given, runs after every update (benchmarks measure along the way;
+    it sees each update's own weights, never the average).
     The learning rate warms up over the first 5% of steps, then falls along a cosine to ``lr_floor`` × lr.
+    ``average_last`` > 0 returns the :class:`TailAverage` of that fraction of the last updates (0: the last
+    update's weights).
     """
     tok = Tokenizer.demo() if tokenizer is None else tokenizer
     model = build_model(config, seed)
@@ -158,7 +207,9 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
         return min(1.0, (s + 1) / warmup) * (lr_floor + (1 - lr_floor) * cosine)
 
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "steps": steps, "batch": batch_size, "seed": seed},
+    tail = TailAverage(model, steps, tail_count(steps, average_last)) if average_last else None
+    log = {"config": {"optimizer": optimizer, "tau": tau, "lr": lr, "lr_floor": lr_floor, "steps": steps,
+                      "batch": batch_size, "seed": seed, "averaged_updates": tail.count if tail else 1},
            "step": [], "loss": [], "max_logit": [], "seconds": [], "cpu_seconds": []}
     start, cpu_start = time.perf_counter(), time.process_time()
     for step, batch in enumerate(nano_data.batches(tok, batch_size, steps, seed=seed)):
@@ -169,6 +220,8 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
         opt.step()  # MuonClip applies QK-Clip here, from the max logits of this forward
         schedule.step()
         counter.balance(BIAS_RATE)
+        if tail is not None:
+            tail.add(step, model)
         if step % log_every == 0 or step == steps - 1:
             log["step"].append(step)
             log["loss"].append(round(loss.item(), 5))
@@ -180,6 +233,8 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
                      f"({log['cpu_seconds'][-1]:.1f} s CPU)")
         if after_step is not None:  # after the log: a forward here overwrites the tracked max logits
             after_step(step, model)
+    if tail is not None:
+        tail.load_into(model)
     return model, log
 
 
@@ -209,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--optimizer", default="muonclip", choices=["muonclip", "adamw"])
     parser.add_argument("--tau", type=float, default=100.0, help="QK-Clip threshold on the max attention logit")
     parser.add_argument("--no-qk-clip", action="store_true", help="MuonClip without the clip (for comparison)")
+    parser.add_argument("--average-last", type=float, default=0.1, metavar="FRACTION",
+                        help="write the mean of the weights after each of the last FRACTION x steps updates "
+                             "(0: the last update's weights)")
     parser.add_argument("--toy", action="store_true", help="the smallest model (CI smoke test)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads (a run reproduces bit for bit for a given thread count; 1 made the shipped nano)")
@@ -216,6 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "threads"):
         if getattr(args, name) < 1:
             return fail("train_nano", f"--{name} must be at least 1, found {getattr(args, name)}", USAGE)
+    if not 0 <= args.average_last <= 1:
+        return fail("train_nano", f"--average-last must be a fraction of the steps from 0 to 1, found {args.average_last}",
+                    USAGE)
     try:  # before half an hour of training, not after
         check_dir(args.out, force=args.force)
     except OutputError as e:
@@ -227,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     config = nano_config(toy=args.toy)
     try:
         model, log = train(config, steps=args.steps, batch_size=args.batch, seed=args.seed, optimizer=args.optimizer,
-                           lr=args.lr, tau=None if args.no_qk_clip else args.tau)
+                           lr=args.lr, tau=None if args.no_qk_clip else args.tau, average_last=args.average_last)
     except KeyboardInterrupt:
         return fail("train_nano", f"training stopped; nothing was written to {args.out}", INTERRUPTED)
     # The bf16 originals of the INT4 experts (not part of the checkpoint format): they let a test measure
