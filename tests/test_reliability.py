@@ -189,7 +189,7 @@ def test_train_nano_refuses_before_training(tiny, tmp_path, monkeypatch, capsys)
     assert train_nano.main([str(tmp_path / "new"), "--toy", "--steps", "0"]) == 2
     one_error_line(capsys.readouterr().err, "--steps must be at least 1")
     assert train_nano.main([str(tmp_path / "new"), "--toy", "--average-last", "1.5"]) == 2
-    one_error_line(capsys.readouterr().err, "--average-last must be a fraction of the steps from 0 to 1, found 1.5")
+    one_error_line(capsys.readouterr().err, "--average-last (average_last) must be a fraction of the steps from 0 to 1, found 1.5")
 
 
 @pytest.fixture(scope="module")

@@ -169,7 +169,7 @@ class TailAverage:
 def tail_count(steps: int, fraction: float) -> int:
     """How many final updates ``--average-last`` averages: a fraction of the steps, at least the last one."""
     if not 0 <= fraction <= 1:
-        raise ValueError(f"--average-last must be a fraction of the steps from 0 to 1, found {fraction}")
+        raise ValueError(f"--average-last (average_last) must be a fraction of the steps from 0 to 1, found {fraction}")
     return max(1, round(steps * fraction))
 
 
@@ -186,7 +186,7 @@ def make_optimizer(model: KimiForCausalLM, kind: str, lr: float, tau: float | No
 def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, optimizer: str = "muonclip",
           lr: float = 3e-3, tau: float | None = 100.0, log_every: int = 10, progress=print,
           tokenizer: Tokenizer | None = None, after_step=None, lr_floor: float = 0.1,
-          average_last: float = 0.0) -> tuple[KimiForCausalLM, dict]:
+          average_last: float = 0.1) -> tuple[KimiForCausalLM, dict]:
     """Train from scratch; returns the fp32 model and the log {step, loss, max_logit[layer][head], ...}.
 
     ``tokenizer`` defaults to the demo one (the vocabulary the checkpoint ships with);
@@ -194,7 +194,7 @@ def train(config: KimiConfig, *, steps: int, batch_size: int, seed: int = 0, opt
     it sees each update's own weights, never the average).
     The learning rate warms up over the first 5% of steps, then falls along a cosine to ``lr_floor`` × lr.
     ``average_last`` > 0 returns the :class:`TailAverage` of that fraction of the last updates (0: the last
-    update's weights).
+    update's weights). The defaults are the CLI's, which made the shipped kimi-nano.
     """
     tok = Tokenizer.demo() if tokenizer is None else tokenizer
     model = build_model(config, seed)
@@ -274,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("steps", "batch", "threads"):
         if getattr(args, name) < 1:
             return fail("train_nano", f"--{name} must be at least 1, found {getattr(args, name)}", USAGE)
-    if not 0 <= args.average_last <= 1:
-        return fail("train_nano", f"--average-last must be a fraction of the steps from 0 to 1, found {args.average_last}",
-                    USAGE)
+    try:
+        tail_count(args.steps, args.average_last)
+    except ValueError as e:
+        return fail("train_nano", e, USAGE)
     try:  # before half an hour of training, not after
         check_dir(args.out, force=args.force)
     except OutputError as e:
