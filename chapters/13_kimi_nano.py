@@ -214,10 +214,10 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # | tried | the same, seed 2: the last update's weights | 2400 × 16 | 32 min | 89.2 · 91.6 · 98% | 90.7 · 93.0 · 100% |
 # | tried | the same, seed 2: the mean of the last 240 updates | 2400 × 16 | 32 min | 89.2 · 92.8 · 98% | 93.0 · 95.3 · 100% |
 #
-# (INT4 as shipped; 100 held-out conversations, 52 hand-written questions. The shipped row and the
-# seeds' second rows write the mean of the last 240 updates, every other row its last update's weights. \*On the list before
-# three unit questions got numbers the newest training data never asks. \*\*On its own held-out set, which
-# had the round numbers too.)
+# (INT4 as shipped; 100 held-out conversations, 52 hand-written questions. The shipped row and the seeds'
+# second rows write the mean of the last 240 updates, every other row its last update's weights. \*On the
+# list before three unit questions got numbers the newest training data never asks. \*\*On its own
+# held-out set, which had the round numbers too.)
 #
 # The second kimi-nano had the phrasing families and the numbers, and still failed held-out
 # *follow-ups* (48% right: "Divide it by 3, please." became `304025-3`): a phrase it never saw attached
@@ -245,17 +245,17 @@ show(qk_clip_, start="gamma = torch.ones_like")
 # `48380.3999…` ran on in 9s to the token limit. Copying a run of one token is the nano's weak spot in
 # every run; which questions fall into it moves from run to run.
 #
-# What shipped is the same 2400-step run with one change at the end. Each of the last updates still
-# moves the weights by the noise of one batch of 16, so the checkpoint is the *mean* of the weights
-# after each of the last 240 updates (a tail average: `train_nano.TailAverage`,
-# `--average-last 0.1`). The idea came from the test sets, and that belongs in the lesson: the mean of
-# that run's last two snapshots got `999999+1` right. With the mean of all 240 as the default, seed 0
-# meets every bar of issue 17 at once, by one question on each set (79 of 83, 41 of 43): it lost two
-# held-out answers and gained one hand-written. Seeds 1 and 2 of the same recipe say how far to trust
-# that: the average gained one hand-written answer in each, and 2 and 0 held-out answers; neither
-# meets the held-out bar (94.0% and 89.2%), and both break an output or two. The seed moves held-out
-# answers from 89 to 98% (with the average or without), more than the average does. The shipped scores belong to this run — seed 0,
-# the default before any of this — not to the recipe.
+# What shipped is the same 2400-step run with one change at the end. Each of the last updates still moves
+# the weights by the noise of one batch of 16, so the checkpoint is the *mean* of the weights after each
+# of the last 240 updates (a tail average: `train_nano.TailAverage`, `--average-last 0.1`). The idea came
+# from the test sets, and that belongs in the lesson: the mean of that run's last two snapshots got
+# `999999+1` right. With the mean of all 240 as the default, seed 0 meets every bar of issue 17 at once,
+# by one question on each set (79 of 83, 41 of 43): it lost two held-out answers and gained one
+# hand-written. Seeds 1 and 2 of the same recipe say how far to trust that: the average gained one
+# hand-written answer in each, and 2 and 0 held-out answers; neither meets the held-out bar (94.0% and
+# 89.2%), and both break an output or two. The seed moves held-out answers from 89 to 98% (with the
+# average or without), more than the average does. The shipped scores belong to this run — seed 0, the
+# default before any of this — not to the recipe.
 #
 # The plot: held-out accuracy along the shipped run (each update's own weights, fp32 snapshots every
 # 240 steps, experts before INT4, 40 conversations: `nano_curve_shipped.json`; the star is the shipped
