@@ -191,11 +191,13 @@ def sample_next(logits: torch.Tensor, temperature: float = DEFAULT_TEMPERATURE, 
     return pick_token(logits, temperature, top_p, draw_uniform(batch, temperature, generator))
 
 
-def stop_ids_for(tokenizer, config=None) -> tuple[int, ...]:
-    """The ids that end an answer: ``<|im_end|>`` (end of turn) and the config's eos ids (``[EOS]``)."""
+def stop_ids_for(tokenizer, config=None, generation_eos: tuple[int, ...] = ()) -> tuple[int, ...]:
+    """The ids that end an answer: ``<|im_end|>`` (end of turn), the config's eos ids (``[EOS]``), then
+    ``generation_eos`` (generation_config.json's ``eos_token_id``), each once, in that order."""
     ids = [tokenizer.special_id("<|im_end|>")]
-    if config is not None:
-        ids += [i for i in config.eos_token_ids if i not in ids]
+    for i in (*(config.eos_token_ids if config is not None else ()), *generation_eos):
+        if i not in ids:
+            ids.append(i)
     return tuple(ids)
 
 

@@ -224,9 +224,9 @@ class Session:
         self.pp: PP = getattr(model, "pp", ONE_STAGE)
         self.out, self.inp = out or sys.stdout, inp or sys.stdin
         self.printer = _Printer(self.out)
-        self.stop_ids = stop_ids_for(tokenizer, model.config)
-        if settings.setup is not None:  # generation_config.json's eos ids stop an answer too
-            self.stop_ids += tuple(i for i in settings.setup.sampling.eos_token_ids if i not in self.stop_ids)
+        # generation_config.json's eos ids stop an answer too
+        self.stop_ids = stop_ids_for(tokenizer, model.config,
+                                     settings.setup.sampling.eos_token_ids if settings.setup is not None else ())
         self.end_think = tokenizer.special_tokens.get("</think>")
         self.open_think = tokenizer.special_tokens.get("<think>")
         self.generator = make_generator(settings.seed)

@@ -284,6 +284,9 @@ def test_stop_ids_come_from_the_tokenizer_and_config(model):
     assert ids[0] == tok.special_id("<|im_end|>")
     assert set(model.config.eos_token_ids) <= set(ids)
     assert tok.decode([ids[0]]) == "<|im_end|>"
+    extra = max(tok.special_tokens.values()) + 1
+    # generation_config.json's eos ids come after, each id once
+    assert stop_ids_for(tok, model.config, (ids[0], extra, extra)) == (*ids, extra)
 
 
 def test_send_ids_single_rank_is_identity():

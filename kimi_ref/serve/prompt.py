@@ -79,6 +79,7 @@ class PromptBuilder:
         self.media_dir = Path(media_dir).resolve() if media_dir is not None else None
         self._media_config: Any = None
         self.section_begin = tokenizer.special_tokens.get("<|tool_calls_section_begin|>")
+        self.stop_ids = stop_ids_for(tokenizer, config, defaults.eos_token_ids)  # ignore_eos drops all of them
 
     def prepare(self, request: ChatRequest) -> Prepared:
         thinking, preserve = self._switches(request)
@@ -90,10 +91,7 @@ class PromptBuilder:
         except ValueError as e:
             raise RequestError(str(e), "messages") from None
         budget = self._budget(length, request.max_tokens)
-        stops: tuple[int, ...] = ()
-        if not request.ignore_eos:
-            stops = stop_ids_for(self.tok, self.config)
-            stops += tuple(i for i in self.defaults.eos_token_ids if i not in stops)
+        stops = () if request.ignore_eos else self.stop_ids
         if not tools_on and self.section_begin is not None:
             stops = (*stops, self.section_begin)
         return Prepared(ids=ids, media=media, prompt_tokens=length, max_new_tokens=budget,
